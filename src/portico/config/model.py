@@ -1,0 +1,237 @@
+"""The one configuration schema. Files, CLI flags and tests all validate through ``Config``.
+
+Every model forbids unknown keys so a typo is an error with its key path, never a silent
+default. Durations are seconds (float); sizes accept integers or strings such as ``"10MiB"``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+NonNegSeconds = Annotated[float, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too). Raises ValueError with a readable reason."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{value!r} is not host:port")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{value!r} has no port (expected host:port)")
+        return host or "127.0.0.1", default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: port must be a number from 0 to 65535")
+    return host or "0.0.0.0", int(port_text)
+
+
+class Limits(Strict):
+    """Request size limits. Each one answers with its own status code."""
+
+    max_request_line: int = Field(8192, gt=0, description="longest request target in bytes (414)")
+    max_header_bytes: int = Field(
+        32768, gt=0, description="largest request head, request line included (431)"
+    )
+    max_headers: int = Field(100, gt=0, description="most header fields in one request (431)")
+    max_body_bytes: ByteSize | None = Field(
+        None, description="largest request body (413); unset means unlimited"
+    )
+
+
+class ClientTimeouts(Strict):
+    header: PositiveSeconds = Field(10.0, description="time to receive a whole request head (408)")
+    body_idle: PositiveSeconds = Field(30.0, description="longest pause inside a request body (408)")
+    body_min_rate: NonNegSeconds = Field(
+        256.0, description="minimum request-body bytes/s once body_grace has passed; 0 disables"
+    )
+    body_grace: NonNegSeconds = Field(5.0, description="seconds before body_min_rate applies")
+    keepalive: PositiveSeconds = Field(75.0, description="idle time allowed between requests")
+    send: PositiveSeconds = Field(60.0, description="longest time a client may stall our writes")
+
+
+class Server(Strict):
+    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080"])
+    workers: int = Field(1, ge=1, le=256)
+    backlog: int = Field(2048, gt=0)
+    shutdown_grace: NonNegSeconds = Field(
+        30.0, description="time in-flight requests get to finish on SIGTERM/Ctrl-C"
+    )
+    limits: Limits = Field(default_factory=Limits)
+    timeouts: ClientTimeouts = Field(default_factory=ClientTimeouts)
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one listen address is needed")
+        for item in v:
+            parse_hostport(item)
+        return v
+
+
+class Forwarding(Strict):
+    """How the proxy tells the backend who the client is."""
+
+    x_forwarded: bool = Field(
+        True, description="set X-Forwarded-For/-Proto/-Host and X-Real-IP"
+    )
+    forwarded: bool = Field(False, description="set the RFC 7239 Forwarded header")
+    via: bool = Field(False, description="add a Via header on requests and responses")
+    via_name: str = Field("portico", pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="networks whose forwarding headers are kept and appended to",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP network") from None
+        return v
+
+
+class AccessLog(Strict):
+    format: Literal["off", "common", "combined", "json"] = "off"
+    path: str = Field("-", description="file to append to; '-' is standard output")
+
+
+class Backend(Strict):
+    url: str
+    weight: int = Field(1, ge=1, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("not a URL (expected http://host:port)")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("not a URL: bad port") from None
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("a backend URL names a server only (no path, query or fragment)")
+        return v
+
+    @property
+    def address(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+class UpstreamTimeouts(Strict):
+    connect: PositiveSeconds = Field(5.0, description="TCP connect to a backend (504)")
+    response_header: PositiveSeconds = Field(
+        60.0, description="from request sent to complete response head (504)"
+    )
+    body_idle: PositiveSeconds = Field(
+        60.0, description="longest pause inside a response body before the transfer is aborted"
+    )
+
+
+class Pool(Strict):
+    max_idle: int = Field(
+        64, ge=0, description="idle keep-alive connections kept per endpoint"
+    )
+    idle_timeout: PositiveSeconds = Field(
+        10.0, description="close an idle upstream connection after this long"
+    )
+
+
+class Upstream(Strict):
+    backends: list[Backend] = Field(default_factory=list)
+    balancer: str = "round_robin"
+    host: str | None = Field(
+        None, description="Host header sent upstream; unset passes the client's through"
+    )
+    timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
+    pool: Pool = Field(default_factory=Pool)
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _strings_are_urls(cls, v: object) -> object:
+        if isinstance(v, list):
+            return [{"url": item} if isinstance(item, str) else item for item in v]
+        return v
+
+    @field_validator("balancer")
+    @classmethod
+    def _known_balancer(cls, v: str) -> str:
+        from portico.policy.balancers import BALANCERS
+
+        if v not in BALANCERS:
+            raise ValueError(f"unknown balancer {v!r} (one of: {', '.join(sorted(BALANCERS))})")
+        return v
+
+
+class Route(Strict):
+    upstream: str
+    path: str = Field("/", description="path prefix to match")
+    host: str | None = Field(None, description="Host to match (port ignored); unset matches all")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+
+class Config(Strict):
+    server: Server = Field(default_factory=Server)
+    forwarding: Forwarding = Field(default_factory=Forwarding)
+    access_log: AccessLog = Field(default_factory=AccessLog)
+    upstreams: dict[str, Upstream] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _routes_name_upstreams(self) -> Config:
+        if not self.upstreams:
+            raise ValueError("upstreams: at least one upstream is needed")
+        for i, route in enumerate(self.routes):
+            if route.upstream not in self.upstreams:
+                raise ValueError(
+                    f"routes[{i}].upstream: no upstream named {route.upstream!r}"
+                )
+        if not self.routes and len(self.upstreams) > 1:
+            raise ValueError("routes: several upstreams need routes saying which gets what")
+        return self
+
+    def effective_routes(self) -> list[Route]:
+        """The configured routes, or a catch-all to the only upstream."""
+        if self.routes:
+            return list(self.routes)
+        (name,) = self.upstreams
+        return [Route(upstream=name)]
