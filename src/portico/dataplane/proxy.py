@@ -1,0 +1,479 @@
+"""The exchange: one request proxied to one upstream, streamed both ways.
+
+Theory of operation. ``start`` routes the request, asks the balancer for an endpoint and takes
+a warm connection from that endpoint's pool. With a warm connection the request head is
+written at once, inside the same callback that parsed it: the common keep-alive path creates
+no task and no timer. Only a cold start (connect) runs as a task.
+
+Body bytes flow by callbacks, never through queues: client data is written to the upstream
+transport as it arrives and upstream data to the client transport. When either transport's
+write buffer fills, ``pause_writing`` on that side pauses reading on the other side, so no
+buffer in Portico grows with the size of a body.
+
+Failure rules, in one place (``_fail``):
+* nothing of the response has reached the client yet: answer with the error's status
+  (502/503/504) through ``responses.response_for``;
+* the response has started: abort the client connection, so a truncated body is never
+  presented as complete;
+* a pooled connection that turned out dead before answering a single byte is retried once
+  on a fresh connection when replaying is safe (no request body, or an idempotent method
+  whose body has not started to flow).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from portico.codec.events import Data, EndOfMessage, Event, RequestHead, ResponseHead
+from portico.codec.writer import CONTINUE_100, LAST_CHUNK, chunk
+from portico.dataplane import forwarding
+from portico.dataplane.responses import response_for
+from portico.dataplane.upstream import EndpointPool, UpstreamConnection
+from portico.errors import (
+    BadResponse,
+    NoHealthyEndpoint,
+    NoRoute,
+    PorticoError,
+    ResponseTimeout,
+    UpstreamError,
+)
+
+if TYPE_CHECKING:
+    from portico.dataplane.accesslog import AccessLog
+    from portico.dataplane.connection import ClientConnection
+    from portico.runtime.endpoint import Endpoint
+    from portico.runtime.snapshot import Service
+
+# Request body bytes held while the upstream connection is being opened. Beyond this the
+# client is paused; 64 KiB matches the transports' default write high-water mark.
+CONNECT_BUFFER_LIMIT = 65536
+
+U_NONE, U_HEADER, U_BODY = range(3)
+
+
+def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
+    """``http://host:port/path?q`` -> (``/path?q``, ``host:port``); None if not absolute-form."""
+    scheme_end = target.find(b"://")
+    if scheme_end <= 0 or target[:scheme_end].lower() not in (b"http", b"https"):
+        return None
+    rest = target[scheme_end + 3 :]
+    slash = rest.find(b"/")
+    query = rest.find(b"?")
+    cut = min(i for i in (slash, query, len(rest)) if i != -1)
+    authority, path = rest[:cut], rest[cut:]
+    if b"@" in authority or not authority:
+        return None
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path, authority
+
+
+class Exchange:
+    __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_client_chunked",
+        "_keep_alive",
+        "_retried",
+        "_reused",
+        "_started_at",
+        "_timer_kind",
+        "client_eof",
+        "conn",
+        "done",
+        "endpoint",
+        "head",
+        "head_bytes",
+        "pool",
+        "request_done",
+        "response_started",
+        "sent_bytes",
+        "service",
+        "status",
+        "upstream",
+    )
+
+    def __init__(self, conn: ClientConnection, head: RequestHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.upstream: UpstreamConnection | None = None
+        self.endpoint: Endpoint | None = None
+        self.service: Service | None = None
+        self.pool: EndpointPool | None = None
+        self.head_bytes = b""
+        self.request_done = False
+        self.response_started = False
+        self.done = False
+        self.client_eof = False
+        self.status = 0
+        self.sent_bytes = 0
+        self._buffer: list[bytes] | None = None
+        self._buffered = 0
+        self._client_chunked = False
+        self._keep_alive = head.keep_alive
+        self._retried = False
+        self._reused = False
+        self._timer_kind = U_NONE
+        self._started_at = conn.ctx.loop.time() if conn.ctx.access_log is not None else 0.0
+
+    def __repr__(self) -> str:
+        ep = self.endpoint.label if self.endpoint else "-"
+        return f"<Exchange {self.head.method.decode()} {self.head.target[:60]!r} -> {ep}>"
+
+    # --- start ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        head = self.head
+        conn = self.conn
+        snapshot = conn.ctx.snapshot
+        target, host = head.target, head.host
+        if target[:1] != b"/" and target != b"*":
+            split = _split_absolute(target)
+            if split is None:
+                self._fail(_BadTarget())
+                return
+            target, host = split
+        service = snapshot.routes.match(host, target)
+        if service is None:
+            self._fail(NoRoute("no route matches"))
+            return
+        self.service = service
+        endpoint = service.pick(conn.client.ip)
+        if endpoint is None:
+            self._fail(NoHealthyEndpoint(f"no available endpoint in {service.name}"))
+            return
+        self.endpoint = endpoint
+        endpoint.in_flight += 1
+        endpoint.requests += 1
+        self.head_bytes = forwarding.request_head(
+            head, target, host, conn.client, snapshot.forwarding, service.host_override
+        )
+        self.pool = pool = conn.ctx.pools.get(
+            endpoint, service.pool_max_idle, service.pool_idle_timeout
+        )
+        if head.framing != "none":
+            self._buffer = []
+        upstream = pool.take_idle()
+        if upstream is not None:
+            self._reused = True
+            self._attach(upstream)
+        else:
+            conn.ctx.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        assert self.pool is not None and self.service is not None
+        try:
+            upstream = await self.pool.connect(self.service.connect_timeout)
+        except UpstreamError as exc:
+            self._fail(exc)
+            return
+        if self.done:
+            upstream.release()
+            return
+        self._attach(upstream)
+
+    def _attach(self, upstream: UpstreamConnection) -> None:
+        self.upstream = upstream
+        upstream.bind(self, self.head.method)
+        upstream.write(self.head_bytes)
+        head = self.head
+        if head.framing != "none":
+            if head.expect_continue and not self.response_started:
+                self.conn.write(CONTINUE_100)
+            buffered = self._buffer
+            self._buffer = None
+            if buffered:
+                chunked = head.framing == "chunked"
+                for data in buffered:
+                    upstream.write(chunk(data) if chunked else data)
+                if self._buffered > CONNECT_BUFFER_LIMIT:
+                    self.conn.resume_for_buffer()
+                self._buffered = 0
+            if self.request_done and head.framing == "chunked":
+                upstream.write(LAST_CHUNK)
+        self._arm(U_HEADER, self.service.response_header_timeout)  # type: ignore[union-attr]
+
+    # --- request body (from the client connection) -------------------------------------------
+
+    def on_request_data(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(chunk(data) if self.head.framing == "chunked" else data)
+            if self._timer_kind == U_HEADER:
+                self._arm(U_HEADER, self.service.response_header_timeout)  # type: ignore[union-attr]
+            return
+        buf = self._buffer
+        if buf is None:
+            return  # already failed; the body is being discarded
+        buf.append(data)
+        self._buffered += len(data)
+        if self._buffered > CONNECT_BUFFER_LIMIT:
+            self.conn.pause_for_buffer()
+
+    def on_request_end(self) -> None:
+        self.request_done = True
+        upstream = self.upstream
+        if upstream is not None and self.head.framing == "chunked":
+            upstream.write(LAST_CHUNK)
+
+    # --- response (from the upstream connection) ---------------------------------------------
+
+    def on_response_events(self, events: list[Event]) -> None:
+        conn = self.conn
+        for ev in events:
+            t = type(ev)
+            if t is Data:
+                data = ev.data  # type: ignore[union-attr]
+                self.sent_bytes += len(data)
+                conn.write(chunk(data) if self._client_chunked else data)
+                if self._timer_kind == U_BODY:
+                    conn.up_timer.set(self.service.body_idle_timeout)  # type: ignore[union-attr]
+            elif t is ResponseHead:
+                self._on_head(ev)  # type: ignore[arg-type]
+            elif t is EndOfMessage:
+                self._complete()
+            if self.done:
+                return
+
+    def _on_head(self, resp: ResponseHead) -> None:
+        conn = self.conn
+        head = self.head
+        status = resp.status
+        if status < 200:
+            if status == 101:
+                if not head.upgrade:
+                    self._fail(BadResponse("upstream switched protocols without being asked"))
+                    return
+                self.status = 101
+                self.response_started = True
+                self._disarm()
+                conn.write(
+                    forwarding.response_head(
+                        resp,
+                        chunked=False,
+                        keep_alive=True,
+                        client_version=head.version,
+                        via=conn.ctx.snapshot.forwarding.via,
+                    )
+                )
+            elif status != 100 and head.version == b"1.1":
+                # 103 Early Hints and friends go through to HTTP/1.1 clients; 100 Continue
+                # was already sent by Portico itself when the body was first wanted.
+                conn.write(
+                    forwarding.response_head(
+                        resp, chunked=False, keep_alive=True, client_version=b"1.1", via=None
+                    )
+                )
+            return
+        self.status = status
+        self.response_started = True
+        framing = resp.framing
+        client_11 = head.version == b"1.1"
+        chunked = client_11 and framing in ("chunked", "close")
+        keep = self._keep_alive and not (framing in ("chunked", "close") and not client_11)
+        if conn.ctx.closing:
+            keep = False
+        self._keep_alive = keep
+        self._client_chunked = chunked
+        conn.write(
+            forwarding.response_head(
+                resp,
+                chunked=chunked,
+                keep_alive=keep,
+                client_version=head.version,
+                via=conn.ctx.snapshot.forwarding.via,
+            )
+        )
+        upstream = self.upstream
+        if upstream is not None and (not resp.keep_alive or framing == "close"):
+            upstream.reusable = False
+        if framing != "none":
+            self._arm(U_BODY, self.service.body_idle_timeout)  # type: ignore[union-attr]
+        else:
+            self._disarm()
+
+    def _complete(self) -> None:
+        if self._client_chunked:
+            self.conn.write(LAST_CHUNK)
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            if not self.request_done:
+                upstream.reusable = False  # the upstream answered before reading the body
+            upstream.release()
+        self._finish(self._keep_alive)
+
+    # --- upgrade tunnel ---------------------------------------------------------------------
+
+    def on_upgraded(self, leftover: bytes) -> None:
+        conn = self.conn
+        conn.tunnel = True
+        self._arm(U_BODY, self.service.body_idle_timeout)  # type: ignore[union-attr]
+        if leftover:
+            conn.write(leftover)
+        client_leftover = conn.parser.upgrade_leftover
+        conn.parser.upgrade_leftover = b""
+        if client_leftover and self.upstream is not None:
+            self.upstream.write(client_leftover)
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        self.conn.write(data)
+        self.conn.up_timer.set(self.service.body_idle_timeout)  # type: ignore[union-attr]
+
+    def tunnel_from_client(self, data: bytes) -> None:
+        if self.upstream is not None:
+            self.upstream.write(data)
+            self.conn.up_timer.set(self.service.body_idle_timeout)  # type: ignore[union-attr]
+
+    # --- flow control -----------------------------------------------------------------------
+
+    def on_upstream_pause(self) -> None:
+        self.conn.pause_for_upstream()
+
+    def on_upstream_resume(self) -> None:
+        self.conn.resume_for_upstream()
+
+    def client_paused(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+            if self._timer_kind == U_BODY:
+                self.conn.up_timer.clear()  # the client's send timeout covers this wait
+
+    def client_resumed(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+            if self._timer_kind == U_BODY:
+                self.conn.up_timer.set(self.service.body_idle_timeout)  # type: ignore[union-attr]
+
+    # --- timers -----------------------------------------------------------------------------
+
+    def _arm(self, kind: int, delay: float) -> None:
+        self._timer_kind = kind
+        self.conn.up_timer.set(delay)
+
+    def _disarm(self) -> None:
+        self._timer_kind = U_NONE
+        self.conn.up_timer.clear()
+
+    def on_upstream_timeout(self) -> None:
+        kind = self._timer_kind
+        self._timer_kind = U_NONE
+        if kind == U_HEADER:
+            self._fail(ResponseTimeout("upstream did not answer in time"))
+        elif kind == U_BODY:
+            self._fail(ResponseTimeout("upstream stalled"))
+
+    # --- failure and completion -------------------------------------------------------------
+
+    def on_upstream_error(self, error: UpstreamError) -> None:
+        self._fail(error)
+
+    def _can_retry_fresh(self, error: PorticoError) -> bool:
+        """A warm connection that died before a single response byte: the keep-alive race.
+
+        Only bodiless requests are replayed: their whole request is ``head_bytes``, and a
+        backend that closed an idle connection cannot have acted on it. General retries
+        (other endpoints, statuses, budgets) belong to ``policy.retry``.
+        """
+        upstream = self.upstream
+        return (
+            self._reused
+            and not self._retried
+            and isinstance(error, UpstreamError)
+            and not isinstance(error, ResponseTimeout)
+            and upstream is not None
+            and upstream.bytes_in == 0
+            and self.head.framing == "none"
+        )
+
+    def _fail(self, error: PorticoError) -> None:
+        if self.done:
+            return
+        if self._can_retry_fresh(error):
+            self._retried = True
+            self._reused = False
+            assert self.upstream is not None
+            self.upstream.abort()
+            self.upstream = None
+            self._disarm()
+            self.conn.ctx.loop.create_task(self._connect())
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.abort()
+        self._buffer = None
+        if self.response_started:
+            self._keep_alive = False
+            self._finish(False, abort=True)
+            return
+        self.status = error.status
+        keep = self._keep_alive and not self.conn.ctx.closing and (
+            self.request_done or self.head.framing == "none"
+        )
+        self.conn.write(response_for(error, close=not keep))
+        self._finish(keep)
+
+    def _finish(self, keep_alive: bool, abort: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._disarm()
+        ep = self.endpoint
+        if ep is not None:
+            ep.in_flight -= 1
+        log = self.conn.ctx.access_log
+        if log is not None:
+            self._log(log)
+        if abort:
+            conn = self.conn
+            conn.exchange = None
+            conn.abort()
+            return
+        self.conn.exchange_finished(keep_alive)
+
+    def client_gone(self) -> None:
+        """The client connection closed or was closed under us."""
+        if self.done:
+            return
+        self.done = True
+        self._disarm()
+        self._buffer = None
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.abort()
+        ep = self.endpoint
+        if ep is not None:
+            ep.in_flight -= 1
+        log = self.conn.ctx.access_log
+        if log is not None:
+            if not self.status:
+                self.status = 499  # nginx's "client closed request"
+            self._log(log)
+
+    def _log(self, log: AccessLog) -> None:
+        referer = ua = None
+        for name, value in self.head.headers:
+            lname = name.lower()
+            if lname == b"referer":
+                referer = value
+            elif lname == b"user-agent":
+                ua = value
+        log.log(
+            self.conn.client.ip,
+            self.head.method,
+            self.head.target,
+            self.head.version,
+            self.status,
+            self.sent_bytes,
+            referer,
+            ua,
+            self.conn.ctx.loop.time() - self._started_at,
+            self.endpoint.label if self.endpoint else None,
+        )
+
+
+class _BadTarget(PorticoError):
+    status = 400
+

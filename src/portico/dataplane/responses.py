@@ -1,0 +1,40 @@
+"""The one place that turns an error into an HTTP response.
+
+Error responses are built once per (status, close) pair and cached, so answering a flood of
+bad requests costs no formatting.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from portico.codec.writer import REASONS, status_line
+from portico.errors import NoHealthyEndpoint, PorticoError
+
+# Seconds a client is told to wait when nothing can serve it; short because endpoints
+# come back (or are started) within seconds.
+RETRY_AFTER_SECONDS = 1
+
+
+@lru_cache(maxsize=64)
+def error_response(status: int, close: bool = True, retry_after: int | None = None) -> bytes:
+    reason = REASONS.get(status, b"Error")
+    body = b"%d %b\n" % (status, reason)
+    headers = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(body)).encode()),
+    ]
+    if retry_after is not None:
+        headers.append((b"Retry-After", str(retry_after).encode()))
+    if close:
+        headers.append((b"Connection", b"close"))
+    out = [status_line(status, reason)]
+    out.extend(name + b": " + value + b"\r\n" for name, value in headers)
+    out.append(b"\r\n")
+    return b"".join(out) + body
+
+
+def response_for(error: PorticoError, close: bool = True) -> bytes:
+    """The response for any Portico error: its own status, ``Retry-After`` on 503."""
+    retry_after = RETRY_AFTER_SECONDS if isinstance(error, NoHealthyEndpoint) else None
+    return error_response(error.status, close, retry_after)
