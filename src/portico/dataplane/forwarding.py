@@ -39,8 +39,9 @@ def request_head(
     client: ClientInfo,
     policy: ForwardingPolicy,
     host_override: bytes | None,
+    fallback_host: bytes,
 ) -> bytes:
-    """The request head to send upstream (always HTTP/1.1)."""
+    """The request head to send upstream (always HTTP/1.1, so it always carries a Host)."""
     tokens = head.connection_tokens
     trusted = client.trusted
     out = [head.method, b" ", target, b" HTTP/1.1\r\n"]
@@ -83,8 +84,8 @@ def request_head(
         out += (name, b": ", value, b"\r\n")
     if host_override is not None:
         out += (b"Host: ", host_override, b"\r\n")
-    elif not host_written and host is not None:
-        out += (b"Host: ", host, b"\r\n")
+    elif not host_written:
+        out += (b"Host: ", host if host is not None else fallback_host, b"\r\n")
     if policy.x_forwarded:
         ip = client.ip_bytes
         out += (b"X-Forwarded-For: ", (xff + b", " + ip) if xff else ip, b"\r\n")

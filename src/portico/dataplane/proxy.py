@@ -146,7 +146,13 @@ class Exchange:
         endpoint.in_flight += 1
         endpoint.requests += 1
         self.head_bytes = forwarding.request_head(
-            head, target, host, conn.client, snapshot.forwarding, service.host_override
+            head,
+            target,
+            host,
+            conn.client,
+            snapshot.forwarding,
+            service.host_override,
+            endpoint.authority,
         )
         self.pool = pool = conn.ctx.pools.get(
             endpoint, service.pool_max_idle, service.pool_idle_timeout
