@@ -117,8 +117,22 @@ def run_worker(config: Config, reuse_port: bool) -> int:
         return runner.run(run_dataplane(config, reuse_port=reuse_port))
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGTERM this worker if the master dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        raise SystemExit(0)  # the master died before the signal was armed
+
+
 def _worker_entry(config_data: dict[str, Any]) -> None:
     """Entry point of a spawned worker process."""
+    _die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s")
     config = Config.model_validate(config_data)
     raise SystemExit(run_worker(config, reuse_port=True))
