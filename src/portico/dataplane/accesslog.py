@@ -7,6 +7,7 @@ shutdown) rather than one write system call per request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -73,10 +74,8 @@ class AccessLog:
         self._out.write(line.encode("utf-8", "replace") + b"\n")
 
     def flush(self) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._out.flush()
-        except (OSError, ValueError):
-            pass
 
     def close(self) -> None:
         self.flush()

@@ -19,10 +19,11 @@ both live as long as the connection, so a request arms no new timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import deque
 
-from portico.codec.events import Data, EndOfMessage, Event, RequestHead
+from portico.codec.events import Data, Event, RequestHead
 from portico.codec.parser import RequestParser
 from portico.dataplane.context import ProxyContext
 from portico.dataplane.forwarding import ClientInfo
@@ -104,10 +105,8 @@ class ClientConnection(asyncio.Protocol):
         self.client = ClientInfo(ip, port, self.ctx.snapshot.forwarding.trusts(ip))
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         self.ctx.connections.add(self)
         # Until the first byte, a new connection gets the head timeout (as nginx does).
         self._set_timer(T_HEADER, self.settings.header_timeout)

@@ -414,8 +414,10 @@ class Exchange:
             self._finish(False, abort=True)
             return
         self.status = error.status
-        keep = self._keep_alive and not self.conn.ctx.closing and (
-            self.request_done or self.head.framing == "none"
+        keep = (
+            self._keep_alive
+            and not self.conn.ctx.closing
+            and (self.request_done or self.head.framing == "none")
         )
         self.conn.write(response_for(error, close=not keep))
         self._finish(keep)
@@ -482,4 +484,3 @@ class Exchange:
 
 class _BadTarget(PorticoError):
     status = 400
-

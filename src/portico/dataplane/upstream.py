@@ -9,6 +9,7 @@ the coldest age out through the idle timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Callable
 from typing import Protocol
@@ -131,10 +132,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
@@ -228,17 +227,17 @@ class EndpointPool:
         conn.start_idle_timer(self.idle_timeout)
 
     def discard(self, conn: UpstreamConnection) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self._idle.remove(conn)
-        except ValueError:
-            pass
 
     async def connect(self, timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         host, port = self.endpoint.address
         try:
             async with asyncio.timeout(timeout):
-                _, proto = await loop.create_connection(lambda: UpstreamConnection(self), host, port)
+                _, proto = await loop.create_connection(
+                    lambda: UpstreamConnection(self), host, port
+                )
         except TimeoutError:
             raise ConnectTimeout(f"connect to {self.endpoint.label} timed out") from None
         except OSError as exc:
