@@ -20,14 +20,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from portico.config.load import load_file
 from portico.config.model import Config
 from portico.dataplane.accesslog import AccessLog
 from portico.dataplane.connection import ClientConnection
 from portico.dataplane.context import ClientSettings, ProxyContext
 from portico.dataplane.listener import bind_socket
+from portico.errors import ConfigError
 from portico.runtime.snapshot import compile_config
 
 log = logging.getLogger("portico")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
 
 # Seconds between access-log flushes.
 ACCESS_LOG_FLUSH = 1.0
@@ -54,8 +57,47 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-async def run_dataplane(config: Config, *, reuse_port: bool) -> int:
-    """Serve until SIGTERM/SIGINT, then drain within ``server.shutdown_grace``."""
+class ConfigSource:
+    """Where a reload reads the config from: a file plus the CLI's overrides. Picklable."""
+
+    def __init__(self, path: str, overrides: dict[str, object] | None = None) -> None:
+        self.path = path
+        self.overrides = dict(overrides or {})
+
+    def load(self) -> Config:
+        return load_file(self.path, self.overrides)
+
+
+# Settings that only take effect on restart (sockets and processes are made from them once).
+STATIC_KEYS = ("listen", "workers", "backlog")
+
+
+def reload_snapshot(ctx: ProxyContext, current: Config, source: ConfigSource) -> Config:
+    """Load, compile and swap in a new snapshot; on any problem keep the old one.
+
+    Returns the config now in force. Endpoint state carries over by address.
+    """
+    try:
+        new = source.load()
+    except ConfigError as exc:
+        for path, reason in exc.problems:
+            log.error("reload refused, keeping the running config: %s: %s", path, reason)
+        return current
+    for key in STATIC_KEYS:
+        if getattr(new.server, key) != getattr(current.server, key):
+            log.warning("server.%s changed: takes effect on restart only", key)
+    ctx.snapshot = compile_config(new, previous=ctx.snapshot)
+    log.info("reloaded %s: %d upstream(s)", source.path, len(new.upstreams))
+    return new
+
+
+async def run_dataplane(
+    config: Config, *, reuse_port: bool, source: ConfigSource | None = None
+) -> int:
+    """Serve until SIGTERM/SIGINT, then drain within ``server.shutdown_grace``.
+
+    SIGHUP reloads the routes and upstreams from ``source``.
+    """
     loop = asyncio.get_running_loop()
     snapshot = compile_config(config)
     settings = ClientSettings.from_config(config.server.limits, config.server.timeouts)
@@ -74,6 +116,13 @@ async def run_dataplane(config: Config, *, reuse_port: bool) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if source is not None:
+        state = {"config": config}
+
+        def reload() -> None:
+            state["config"] = reload_snapshot(ctx, state["config"], source)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
     flusher: asyncio.TimerHandle | None = None
     if access_log is not None:
 
@@ -111,10 +160,10 @@ async def _drain(ctx: ProxyContext, servers: list[asyncio.Server], grace: float)
             await asyncio.wait_for(server.wait_closed(), 1.0)
 
 
-def run_worker(config: Config, reuse_port: bool) -> int:
+def run_worker(config: Config, reuse_port: bool, source: ConfigSource | None = None) -> int:
     raise_open_files_limit()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(run_dataplane(config, reuse_port=reuse_port))
+        return runner.run(run_dataplane(config, reuse_port=reuse_port, source=source))
 
 
 def _die_with_parent() -> None:
@@ -130,12 +179,12 @@ def _die_with_parent() -> None:
         raise SystemExit(0)  # the master died before the signal was armed
 
 
-def _worker_entry(config_data: dict[str, Any]) -> None:
+def _worker_entry(config_data: dict[str, Any], source: ConfigSource | None) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     config = Config.model_validate(config_data)
-    raise SystemExit(run_worker(config, reuse_port=True))
+    raise SystemExit(run_worker(config, reuse_port=True, source=source))
 
 
 def _check_bindable(config: Config) -> None:
@@ -143,27 +192,31 @@ def _check_bindable(config: Config) -> None:
         bind_socket(address, reuse_port=True, backlog=1).close()
 
 
-def serve(config: Config) -> int:
-    """Run the gateway described by ``config`` until told to stop. Returns an exit status."""
+def serve(config: Config, source: ConfigSource | None = None) -> int:
+    """Run the gateway described by ``config`` until told to stop. Returns an exit status.
+
+    With a ``source``, SIGHUP reloads routes and upstreams from it.
+    """
     workers = config.server.workers
     if workers == 1:
-        return run_worker(config, reuse_port=False)
+        return run_worker(config, reuse_port=False, source=source)
     _check_bindable(config)
-    return _Master(config).run()
+    return _Master(config, source).run()
 
 
 class _Master:
     """Spawns and supervises N data-plane workers sharing the listening port."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, source: ConfigSource | None) -> None:
         self.config = config
+        self.source = source
         self.data = config.model_dump(mode="json")
         self.ctx = multiprocessing.get_context("spawn")
         self.procs: list[Any] = []
         self.stopping = False
 
     def _spawn(self) -> Any:
-        proc = self.ctx.Process(target=_worker_entry, args=(self.data,), daemon=False)
+        proc = self.ctx.Process(target=_worker_entry, args=(self.data, self.source), daemon=False)
         proc.start()
         proc.started_at = time.monotonic()
         return proc
@@ -175,10 +228,25 @@ class _Master:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
 
+    def _on_reload(self, _signum: int, _frame: object) -> None:
+        if self.source is None:
+            return
+        try:
+            self.source.load()
+        except ConfigError as exc:
+            for path, reason in exc.problems:
+                log.error("reload refused, keeping the running config: %s: %s", path, reason)
+            return
+        for proc in self.procs:
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGHUP)
+
     def run(self) -> int:
         raise_open_files_limit()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_reload)
         self.procs = [self._spawn() for _ in range(self.config.server.workers)]
         log.info("master %d started %d workers", os.getpid(), len(self.procs))
         while not self.stopping:

@@ -7,17 +7,23 @@ default. Durations are seconds (float); sizes accept integers or strings such as
 from __future__ import annotations
 
 import ipaddress
+import re
+from decimal import Decimal
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 NonNegSeconds = Annotated[float, Field(ge=0)]
@@ -48,6 +54,64 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
     return host or "0.0.0.0", int(port_text)
 
 
+# Byte units a size string may use, matched case-insensitively. Deliberately narrower than
+# pydantic's ByteSize, which also takes bit units ("8kbit" is 1000 bytes) and one-letter units,
+# and ignores trailing text ("10MiB oops" parses as 10MiB): for a limit, a misread unit is a
+# silent misconfiguration, so anything else is refused with a reason.
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def _parse_size(value: object) -> object:
+    """Bytes from an integer or a string such as ``"10MiB"`` / ``"1.5 GB"`` (rounded down)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"must be at least 0, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError('expected a whole number of bytes or a string such as "10MiB"')
+    m = _SIZE.match(value)
+    if m is None:
+        raise ValueError(f'{value!r} is not a size (expected a string such as "10MiB")')
+    number, unit = m.groups()
+    factor = _SIZE_UNITS.get(unit.lower() or "b")
+    if factor is None:
+        raise ValueError(
+            f"{value!r}: unknown unit {unit!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    return int(Decimal(number) * factor)
+
+
+def _check_listen_address(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+def _check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP network") from None
+    return value
+
+
+# Items are checked one by one (not in a list validator) so an error names its index:
+# ``server.listen[1]: ...`` rather than the whole list.
+ListenAddress = Annotated[str, AfterValidator(_check_listen_address)]
+Network = Annotated[str, AfterValidator(_check_network)]
+Size = Annotated[ByteSize, BeforeValidator(_parse_size)]
+
+
 class Limits(Strict):
     """Request size limits. Each one answers with its own status code."""
 
@@ -56,14 +120,16 @@ class Limits(Strict):
         32768, gt=0, description="largest request head, request line included (431)"
     )
     max_headers: int = Field(100, gt=0, description="most header fields in one request (431)")
-    max_body_bytes: ByteSize | None = Field(
+    max_body_bytes: Size | None = Field(
         None, description="largest request body (413); unset means unlimited"
     )
 
 
 class ClientTimeouts(Strict):
     header: PositiveSeconds = Field(10.0, description="time to receive a whole request head (408)")
-    body_idle: PositiveSeconds = Field(30.0, description="longest pause inside a request body (408)")
+    body_idle: PositiveSeconds = Field(
+        30.0, description="longest pause inside a request body (408)"
+    )
     body_min_rate: NonNegSeconds = Field(
         256.0, description="minimum request-body bytes/s once body_grace has passed; 0 disables"
     )
@@ -73,7 +139,7 @@ class ClientTimeouts(Strict):
 
 
 class Server(Strict):
-    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080"])
+    listen: list[ListenAddress] = Field(default_factory=lambda: ["127.0.0.1:8080"])
     workers: int = Field(1, ge=1, le=256)
     backlog: int = Field(2048, gt=0)
     shutdown_grace: NonNegSeconds = Field(
@@ -89,36 +155,30 @@ class Server(Strict):
 
     @field_validator("listen")
     @classmethod
-    def _check_listen(cls, v: list[str]) -> list[str]:
+    def _not_empty(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("at least one listen address is needed")
-        for item in v:
-            parse_hostport(item)
         return v
 
 
 class Forwarding(Strict):
     """How the proxy tells the backend who the client is."""
 
-    x_forwarded: bool = Field(
-        True, description="set X-Forwarded-For/-Proto/-Host and X-Real-IP"
-    )
+    x_forwarded: bool = Field(True, description="set X-Forwarded-For/-Proto/-Host and X-Real-IP")
     forwarded: bool = Field(False, description="set the RFC 7239 Forwarded header")
     via: bool = Field(False, description="add a Via header on requests and responses")
-    via_name: str = Field("portico", pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-    trusted_proxies: list[str] = Field(
+    via_name: str = Field("portico", description="name this proxy gives itself in Via headers")
+    trusted_proxies: list[Network] = Field(
         default_factory=list,
         description="networks whose forwarding headers are kept and appended to",
     )
 
-    @field_validator("trusted_proxies")
+    @field_validator("via_name")
     @classmethod
-    def _check_networks(cls, v: list[str]) -> list[str]:
-        for item in v:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an IP network") from None
+    def _http_token(cls, v: str) -> str:
+        # It is written into a header as-is, so it must be an RFC 9110 token.
+        if not _TOKEN.match(v):
+            raise ValueError(f"{v!r} is not an HTTP token (letters, digits and !#$%&'*+-.^_`|~)")
         return v
 
 
@@ -162,9 +222,7 @@ class UpstreamTimeouts(Strict):
 
 
 class Pool(Strict):
-    max_idle: int = Field(
-        64, ge=0, description="idle keep-alive connections kept per endpoint"
-    )
+    max_idle: int = Field(64, ge=0, description="idle keep-alive connections kept per endpoint")
     idle_timeout: PositiveSeconds = Field(
         10.0, description="close an idle upstream connection after this long"
     )
@@ -218,15 +276,22 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _routes_name_upstreams(self) -> Config:
+        # Cross-key checks name their own key paths, one "path: reason" per line, so that
+        # portico.config.load can report each where it belongs. All of them are collected
+        # rather than stopping at the first, so one `portico check` run shows every one.
+        problems: list[str] = []
         if not self.upstreams:
-            raise ValueError("upstreams: at least one upstream is needed")
+            problems.append("upstreams: at least one upstream is needed")
         for i, route in enumerate(self.routes):
-            if route.upstream not in self.upstreams:
-                raise ValueError(
-                    f"routes[{i}].upstream: no upstream named {route.upstream!r}"
+            if self.upstreams and route.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams))
+                problems.append(
+                    f"routes[{i}].upstream: no upstream named {route.upstream!r} (have: {known})"
                 )
         if not self.routes and len(self.upstreams) > 1:
-            raise ValueError("routes: several upstreams need routes saying which gets what")
+            problems.append("routes: several upstreams need routes saying which gets what")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def effective_routes(self) -> list[Route]:
