@@ -277,7 +277,9 @@ class Exchange:
         client_11 = head.version == b"1.1"
         chunked = client_11 and framing in ("chunked", "close")
         keep = self._keep_alive and not (framing in ("chunked", "close") and not client_11)
-        if conn.ctx.closing:
+        if conn.ctx.closing or not self.request_done:
+            # Answered before the request body ended (e.g. an early 413): rather than read and
+            # discard an unknown amount of body, close after this response.
             keep = False
         self._keep_alive = keep
         self._client_chunked = chunked
@@ -325,6 +327,12 @@ class Exchange:
     def on_tunnel_data(self, data: bytes) -> None:
         self.conn.write(data)
         self.conn.up_timer.set(self.service.body_idle_timeout)  # type: ignore[union-attr]
+
+    def on_tunnel_closed(self) -> None:
+        # A tunnel has no framing: the upstream closing is its normal end. Close the client
+        # gracefully so the bytes already queued for it are still delivered.
+        self.upstream = None
+        self._finish(False)
 
     def tunnel_from_client(self, data: bytes) -> None:
         if self.upstream is not None:
@@ -450,7 +458,10 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None:
             self.upstream = None
-            upstream.abort()
+            if upstream.tunnel:
+                upstream.close()  # let what the client sent last reach the backend
+            else:
+                upstream.abort()
         ep = self.endpoint
         if ep is not None:
             ep.in_flight -= 1
