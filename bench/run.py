@@ -1,0 +1,232 @@
+"""Benchmark Portico against nginx as a reverse proxy, both in front of the same nginx backend.
+
+    python bench/run.py [--duration 10] [--connections 64] [--threads 1] [--workers 1]
+                        [--warmup 2] [--out docs-snippet.md] [--skip-portico]
+
+Layout on a 2-core machine: each proxy on core 0; wrk and the backend on core 1. For each body
+size (100 B, 1 MiB) wrk hits the backend directly, Portico and the nginx proxy, after a short
+warm-up. Everything listens on 127.0.0.1 on kernel-picked ports and every process started here
+is stopped here, by PID, including on Ctrl-C or an error. See bench/README.md.
+
+Exit status: 0 all goals met (or Portico skipped), 1 a goal failed or a run broke,
+2 a prerequisite is missing, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+
+import nginx
+import procs
+import report
+import wrk
+
+PROXY_CPU = 0  # the proxy under test has a core to itself
+LOAD_CPU = 1  # wrk and the backend share the other one
+NGINX_BIN = "/usr/sbin/nginx"
+INSTALL_HINT = "apt-get install -y nginx-light wrk util-linux"
+
+BODY_PATHS = {"small": nginx.SMALL_PATH, "large": nginx.LARGE_PATH}
+EXPECT = {nginx.SMALL_PATH: nginx.SMALL_SIZE, nginx.LARGE_PATH: nginx.LARGE_SIZE}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up before each run")
+    p.add_argument("--connections", type=int, default=64, help="wrk connections")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("--workers", type=int, default=1, help="Portico worker processes")
+    p.add_argument("--out", type=Path, help="also write a Markdown snippet here")
+    p.add_argument("--skip-portico", action="store_true", help="measure direct and nginx only")
+    args = p.parse_args(argv)
+    if args.duration < 1 or args.warmup < 0 or args.threads < 1:
+        p.error("--duration and --threads must be >= 1, --warmup >= 0")
+    if args.connections < args.threads:
+        p.error("--connections must be >= --threads (wrk needs one connection per thread)")
+    return args
+
+
+def missing_prerequisites() -> list[str]:
+    problems = []
+    if not Path(NGINX_BIN).is_file() and shutil.which("nginx") is None:
+        problems.append("nginx not found")
+    problems += [f"{tool} not found" for tool in ("wrk", "taskset") if shutil.which(tool) is None]
+    if not {PROXY_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
+        problems.append(f"need CPUs {PROXY_CPU} and {LOAD_CPU}; have {os.sched_getaffinity(0)}")
+    return problems
+
+
+def portico_command(port: int, backend_port: int, workers: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "portico",
+        "proxy",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--backend",
+        f"http://127.0.0.1:{backend_port}",
+        "--workers",
+        str(workers),
+    ]
+
+
+def portico_cli_problem() -> str | None:
+    """Why `python -m portico proxy --help` does not work, or None if it does."""
+    done = subprocess.run(
+        [sys.executable, "-m", "portico", "proxy", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return None if done.returncode == 0 else (done.stderr or done.stdout).strip()
+
+
+def start_nginx(name: str, prefix: Path, conf_path: Path, cpu: int) -> procs.Service:
+    nginx_bin = NGINX_BIN if Path(NGINX_BIN).is_file() else shutil.which("nginx") or "nginx"
+    argv = procs.pinned(cpu, nginx.command(nginx_bin, prefix, conf_path))
+    # nginx appends its own error_log to the same file, so one log tells the whole story.
+    return procs.start(name, argv, prefix / "error.log")
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def measure(
+    args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack
+) -> report.Measurements:
+    """Start the services (each stopped by `stack`), run every wrk pass, read RSS."""
+    services: list[procs.Service] = []
+    # nginx, started as root, serves files as an unprivileged worker: let it into the tree.
+    tmp.chmod(0o755)
+
+    def up(service: procs.Service, port: int) -> procs.Service:
+        stack.callback(service.stop)
+        services.append(service)
+        service.wait_ready(port, EXPECT)
+        progress(f"{service.name} ready on 127.0.0.1:{port} (pid {service.pid})")
+        return service
+
+    # Each port is picked just before its service binds it, so they cannot collide.
+    backend_port = procs.free_port()
+    backend_prefix = tmp / "backend"
+    conf_path = nginx.write_instance(
+        backend_prefix, nginx.backend_conf(backend_prefix, backend_port)
+    )
+    nginx.write_large_file(backend_prefix)
+    up(start_nginx("backend", backend_prefix, conf_path, LOAD_CPU), backend_port)
+
+    proxy_port = procs.free_port()
+    proxy_prefix = tmp / "proxy"
+    conf_path = nginx.write_instance(
+        proxy_prefix, nginx.proxy_conf(proxy_prefix, proxy_port, backend_port)
+    )
+    nginx_proxy = up(start_nginx("nginx-proxy", proxy_prefix, conf_path, PROXY_CPU), proxy_port)
+
+    targets = {report.DIRECT: backend_port, report.NGINX: proxy_port}
+    portico: procs.Service | None = None
+    if not args.skip_portico:
+        port = procs.free_port()
+        argv = procs.pinned(PROXY_CPU, portico_command(port, backend_port, args.workers))
+        portico = up(procs.start("portico", argv, tmp / "portico.log"), port)
+        targets[report.PORTICO] = port
+
+    results: dict[tuple[str, str], wrk.WrkResult] = {}
+    for body, path in BODY_PATHS.items():
+        for target, port in targets.items():
+            url = f"http://127.0.0.1:{port}{path}"
+            load = {"connections": args.connections, "threads": args.threads, "cpu": LOAD_CPU}
+            if args.warmup:
+                progress(f"{target:8} {body}: warm-up {args.warmup}s")
+                wrk.run(url, duration_s=args.warmup, **load)
+            progress(f"{target:8} {body}: measuring {args.duration}s")
+            results[target, body] = result = wrk.run(url, duration_s=args.duration, **load)
+            for service in services:
+                service.check_alive()
+            progress(
+                f"{target:8} {body}: {result.requests_per_s:,.0f} req/s, "
+                f"p99 {report.fmt_ms(result.p99_ms)}, {result.errors} errors"
+            )
+
+    # Anything logged (nginx at level warn, e.g. "buffered to a temporary file") deserves a look.
+    for service in services:
+        if tail := service.log_tail(5):
+            progress(f"{service.name} log ends:\n{tail}")
+
+    rss = {report.NGINX: procs.rss_bytes(nginx_proxy.pid)}
+    if portico is not None:
+        rss[report.PORTICO] = procs.rss_bytes(portico.pid)
+    return report.Measurements(results, rss)
+
+
+def machine_description() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    nproc = len(os.sched_getaffinity(0))
+    return f"nproc {nproc}, {model}, Linux {platform.release()}"
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the ExitStack, which stops everything
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if problems := missing_prerequisites():
+        print("missing prerequisites: " + "; ".join(problems), file=sys.stderr)
+        print(f"install with: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    if not args.skip_portico and (problem := portico_cli_problem()):
+        print(f"Portico CLI unavailable:\n{problem}", file=sys.stderr)
+        print("rerun with --skip-portico to measure direct and nginx only", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="portico-bench-") as tmp,
+            contextlib.ExitStack() as stack,
+        ):
+            measurements = measure(args, Path(tmp), stack)
+    except KeyboardInterrupt:
+        progress("interrupted; everything started here has been stopped")
+        return 130
+    except (RuntimeError, TimeoutError, ValueError, subprocess.TimeoutExpired) as exc:
+        progress(f"benchmark failed: {exc}")
+        return 1
+
+    print(report.text(measurements))
+    if args.out is not None:
+        args.out.write_text(
+            report.markdown(
+                measurements,
+                command="python " + shlex.join(sys.argv),
+                date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                machine=machine_description(),
+            )
+        )
+        progress(f"wrote {args.out}")
+    return 1 if any(check.passed is False for check in report.checks(measurements)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

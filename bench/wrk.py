@@ -1,0 +1,67 @@
+"""Run wrk for a bounded time and parse its `--latency` report."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+
+from procs import pinned
+
+# wrk stops itself after --duration; this is how much longer we wait before killing it.
+WRK_GRACE_S = 30
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_NUMBER_UNIT = r"([\d.]+)(us|ms|s|m|h)"
+_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_P50 = re.compile(rf"^\s+50%\s+{_NUMBER_UNIT}\s*$", re.M)
+_P99 = re.compile(rf"^\s+99%\s+{_NUMBER_UNIT}\s*$", re.M)
+_SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    # Socket errors (connect, read, write, timeout) plus non-2xx/3xx answers.
+    errors: int
+
+
+def _latency_ms(pattern: re.Pattern[str], text: str, label: str) -> float:
+    match = pattern.search(text)
+    if match is None:
+        raise ValueError(f"no {label} latency line in wrk output:\n{text}")
+    return float(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def parse(text: str) -> WrkResult:
+    rps = _RPS.search(text)
+    if rps is None:
+        raise ValueError(f"no Requests/sec line in wrk output:\n{text}")
+    errors = 0
+    if socket_errors := _SOCKET_ERRORS.search(text):
+        errors += sum(int(n) for n in socket_errors.groups())
+    if non_2xx := _NON_2XX.search(text):
+        errors += int(non_2xx.group(1))
+    return WrkResult(
+        requests_per_s=float(rps.group(1)),
+        p50_ms=_latency_ms(_P50, text, "50%"),
+        p99_ms=_latency_ms(_P99, text, "99%"),
+        errors=errors,
+    )
+
+
+def run(url: str, *, duration_s: int, connections: int, threads: int, cpu: int) -> WrkResult:
+    argv = pinned(
+        cpu,
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency", url],
+    )
+    # On timeout or Ctrl-C, subprocess.run kills wrk (by its PID) before re-raising.
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=duration_s + WRK_GRACE_S, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}) on {url}:\n{done.stderr}")
+    return parse(done.stdout)
