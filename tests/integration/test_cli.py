@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import portico
+from portico.policy.balancers import BALANCERS
 
 VALID = """\
 [server]
@@ -173,7 +174,7 @@ def test_proxy_refuses_bad_flags_with_key_paths() -> None:
         "access_log.format: must be 'off', 'common', 'combined' or 'json', got 'xml'",
         "upstreams.default.backends[1]: not a URL (expected http://host:port)",
         "upstreams.default.balancer: unknown balancer 'fastest' "
-        "(one of: least_connections, round_robin)",
+        f"(one of: {', '.join(sorted(BALANCERS))})",
     ]
 
 

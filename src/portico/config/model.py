@@ -190,6 +190,7 @@ class AccessLog(Strict):
 class Backend(Strict):
     url: str
     weight: int = Field(1, ge=1, le=1000)
+    backup: bool = Field(False, description="takes traffic only when no primary is available")
 
     @field_validator("url")
     @classmethod
@@ -228,14 +229,117 @@ class Pool(Strict):
     )
 
 
+class HealthCheck(Strict):
+    """Active health checks: Portico asks each endpoint itself, on a timer."""
+
+    path: str = Field("/health", description="request target of the check")
+    method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
+    expect_status: str = Field("200-399", description="passing statuses, e.g. '200,204,300-399'")
+    expect_body: str | None = Field(None, description="substring the body must contain")
+    interval: PositiveSeconds = Field(5.0, description="time between checks of a healthy endpoint")
+    unhealthy_interval: PositiveSeconds | None = Field(
+        None, description="time between checks of an unhealthy endpoint; unset = interval"
+    )
+    jitter: float = Field(0.1, ge=0, le=1, description="random share added to each interval")
+    timeout: PositiveSeconds = Field(2.0, description="a check slower than this fails")
+    rise: int = Field(2, ge=1, description="consecutive passes that bring an endpoint UP")
+    fall: int = Field(3, ge=1, description="consecutive failures that take an endpoint DOWN")
+    host: str | None = Field(None, description="Host header of the check; unset = host:port")
+
+    @field_validator("path")
+    @classmethod
+    def _origin_form(cls, v: str) -> str:
+        if not v.startswith("/") or any(c in v for c in " \r\n"):
+            raise ValueError("must be a path starting with '/' without spaces")
+        return v
+
+    @field_validator("expect_status")
+    @classmethod
+    def _statuses(cls, v: str) -> str:
+        from portico.policy.health import parse_statuses
+
+        parse_statuses(v)
+        return v
+
+
+class Outlier(Strict):
+    """Passive health: eject endpoints that keep failing real requests."""
+
+    consecutive_failures: int = Field(
+        5, ge=0, description="failures in a row (connect error or 5xx) that eject; 0 = off"
+    )
+    base_ejection: PositiveSeconds = Field(
+        30.0, description="first ejection time; the n-th ejection lasts n times as long"
+    )
+    max_ejection: PositiveSeconds = Field(300.0, description="cap on one ejection")
+    max_ejection_percent: float = Field(
+        50.0, ge=0, le=100, description="never eject more than this share of the upstream"
+    )
+
+
+class Retry(Strict):
+    attempts: int = Field(3, ge=1, le=10, description="tries in all, the first included")
+    on_status: list[int] = Field(
+        default_factory=lambda: [502, 503, 504], description="statuses that are retried"
+    )
+    per_try_timeout: PositiveSeconds | None = Field(
+        None, description="time to a response head per try; unset = timeouts.response_header"
+    )
+    budget_percent: float = Field(
+        20.0, ge=0, le=100, description="retries may be at most this share of active requests"
+    )
+    budget_min: int = Field(
+        3, ge=0, description="retries always allowed at once, whatever the share"
+    )
+
+    @field_validator("on_status")
+    @classmethod
+    def _statuses(cls, v: list[int]) -> list[int]:
+        for status in v:
+            if not 100 <= status <= 599:
+                raise ValueError(f"{status} is not an HTTP status")
+        return v
+
+
+class Sticky(Strict):
+    cookie: str = Field("portico_backend", pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+    max_age: PositiveSeconds | None = Field(None, description="cookie lifetime; unset = session")
+    secret: str | None = Field(
+        None,
+        description="signing key; unset = random per start (cookies then do not survive restarts)",
+    )
+
+
 class Upstream(Strict):
     backends: list[Backend] = Field(default_factory=list)
     balancer: str = "round_robin"
+    hash_key: str = Field(
+        "client_ip",
+        description="consistent_hash key: client_ip, path, uri, header:NAME or cookie:NAME",
+    )
     host: str | None = Field(
         None, description="Host header sent upstream; unset passes the client's through"
     )
     timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
     pool: Pool = Field(default_factory=Pool)
+    health: HealthCheck | None = Field(None, description="active checks; unset = none")
+    outlier: Outlier = Field(default_factory=Outlier)
+    retry: Retry = Field(default_factory=Retry)
+    sticky: Sticky | None = Field(None, description="sticky sessions by signed cookie")
+    slow_start: NonNegSeconds = Field(
+        0.0, description="seconds over which a newly healthy endpoint ramps to its full share"
+    )
+    max_requests: int | None = Field(
+        None, ge=1, description="circuit breaker: concurrent requests per endpoint (per worker)"
+    )
+
+    @field_validator("hash_key")
+    @classmethod
+    def _hash_key(cls, v: str) -> str:
+        kind, _, name = v.partition(":")
+        if v in ("client_ip", "path", "uri") or (kind in ("header", "cookie") and name):
+            return v
+        raise ValueError("must be client_ip, path, uri, header:NAME or cookie:NAME")
 
     @field_validator("backends", mode="before")
     @classmethod

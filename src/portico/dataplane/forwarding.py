@@ -123,6 +123,7 @@ def response_head(
     keep_alive: bool,
     client_version: bytes,
     via: bytes | None,
+    extra: bytes = b"",
 ) -> bytes:
     """The response head for the client.
 
@@ -151,6 +152,8 @@ def response_head(
         out.append(b"Connection: upgrade\r\n")
     elif chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
+    if extra:
+        out.append(extra)
     if not upgrade:
         if not keep_alive:
             out.append(b"Connection: close\r\n")

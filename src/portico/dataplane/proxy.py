@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 from portico.codec.events import Data, EndOfMessage, Event, RequestHead, ResponseHead
 from portico.codec.writer import CONTINUE_100, LAST_CHUNK, chunk
-from portico.dataplane import forwarding
+from portico.dataplane import forwarding, outliers
+from portico.dataplane.affinity import cookie_value, hash_key, set_cookie_line
 from portico.dataplane.responses import response_for
 from portico.dataplane.upstream import EndpointPool, UpstreamConnection
 from portico.errors import (
@@ -37,6 +38,8 @@ from portico.errors import (
     ResponseTimeout,
     UpstreamError,
 )
+from portico.policy.balancers import record_latency
+from portico.policy.retry import Failure, classify
 
 if TYPE_CHECKING:
     from portico.dataplane.accesslog import AccessLog
@@ -70,14 +73,22 @@ def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
 
 class Exchange:
     __slots__ = (
+        "_attempt",
+        "_body_sent",
         "_buffer",
         "_buffered",
         "_client_chunked",
+        "_holds_retry",
+        "_host",
         "_keep_alive",
         "_retried",
         "_reused",
+        "_sent_at",
+        "_set_cookie",
         "_started_at",
+        "_target",
         "_timer_kind",
+        "_tried",
         "client_eof",
         "conn",
         "done",
@@ -113,6 +124,14 @@ class Exchange:
         self._keep_alive = head.keep_alive
         self._retried = False
         self._reused = False
+        self._attempt = 1
+        self._tried: list[Endpoint] = []
+        self._body_sent = False
+        self._holds_retry = False
+        self._sent_at = 0.0
+        self._set_cookie = False
+        self._target = head.target
+        self._host = head.host
         self._timer_kind = U_NONE
         self._started_at = conn.ctx.loop.time() if conn.ctx.access_log is not None else 0.0
 
@@ -124,8 +143,6 @@ class Exchange:
 
     def start(self) -> None:
         head = self.head
-        conn = self.conn
-        snapshot = conn.ctx.snapshot
         target, host = head.target, head.host
         if target[:1] != b"/" and target != b"*":
             split = _split_absolute(target)
@@ -133,47 +150,68 @@ class Exchange:
                 self._fail(_BadTarget())
                 return
             target, host = split
-        service = snapshot.routes.match(host, target)
+        self._target, self._host = target, host
+        service = self.conn.ctx.snapshot.routes.match(host, target)
         if service is None:
             self._fail(NoRoute("no route matches"))
             return
         self.service = service
-        endpoint = service.pick(conn.client.ip)
+        if head.framing != "none":
+            self._buffer = []
+        self._dispatch(None)
+
+    def _dispatch(self, last_error: PorticoError | None) -> None:
+        """Choose an endpoint (not one already tried) and send the request to it."""
+        conn = self.conn
+        service = self.service
+        assert service is not None
+        head = self.head
+        candidates = service.candidates(conn.ctx.loop.time(), self._tried)
+        endpoint = None
+        if service.sticky is not None:
+            endpoint = service.sticky.pick(cookie_value(head, service.sticky_cookie), candidates)
+            self._set_cookie = endpoint is None
         if endpoint is None:
-            self._fail(NoHealthyEndpoint(f"no available endpoint in {service.name}"))
+            key = None
+            if service.keyed:
+                key = hash_key(service.hash_key, head, self._target, conn.client.ip)
+            endpoint = service.balancer.pick(candidates, key)
+        if endpoint is None:
+            self._fail(last_error or NoHealthyEndpoint(f"no available endpoint in {service.name}"))
             return
         self.endpoint = endpoint
         endpoint.in_flight += 1
         endpoint.requests += 1
         self.head_bytes = forwarding.request_head(
             head,
-            target,
-            host,
+            self._target,
+            self._host,
             conn.client,
-            snapshot.forwarding,
+            conn.ctx.snapshot.forwarding,
             service.host_override,
             endpoint.authority,
         )
         self.pool = pool = conn.ctx.pools.get(
             endpoint, service.pool_max_idle, service.pool_idle_timeout
         )
-        if head.framing != "none":
-            self._buffer = []
         upstream = pool.take_idle()
         if upstream is not None:
             self._reused = True
             self._attach(upstream)
         else:
+            self._reused = False
             conn.ctx.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
-        assert self.pool is not None and self.service is not None
+        pool = self.pool
+        assert pool is not None and self.service is not None
         try:
-            upstream = await self.pool.connect(self.service.connect_timeout)
+            upstream = await pool.connect(self.service.connect_timeout)
         except UpstreamError as exc:
-            self._fail(exc)
+            if not self.done and pool is self.pool:
+                self._fail(exc)
             return
-        if self.done:
+        if self.done or pool is not self.pool:
             upstream.release()
             return
         self._attach(upstream)
@@ -189,6 +227,7 @@ class Exchange:
             buffered = self._buffer
             self._buffer = None
             if buffered:
+                self._body_sent = True
                 chunked = head.framing == "chunked"
                 for data in buffered:
                     upstream.write(chunk(data) if chunked else data)
@@ -197,16 +236,26 @@ class Exchange:
                 self._buffered = 0
             if self.request_done and head.framing == "chunked":
                 upstream.write(LAST_CHUNK)
-        self._arm(U_HEADER, self.service.response_header_timeout)  # type: ignore[union-attr]
+        service = self.service
+        assert service is not None
+        if service.measures_latency:
+            self._sent_at = self.conn.ctx.loop.time()
+        self._arm(U_HEADER, self._header_timeout())
+
+    def _header_timeout(self) -> float:
+        service = self.service
+        assert service is not None
+        return service.retry.per_try_timeout or service.response_header_timeout
 
     # --- request body (from the client connection) -------------------------------------------
 
     def on_request_data(self, data: bytes) -> None:
         upstream = self.upstream
         if upstream is not None:
+            self._body_sent = True
             upstream.write(chunk(data) if self.head.framing == "chunked" else data)
             if self._timer_kind == U_HEADER:
-                self._arm(U_HEADER, self.service.response_header_timeout)  # type: ignore[union-attr]
+                self._arm(U_HEADER, self._header_timeout())
             return
         buf = self._buffer
         if buf is None:
@@ -271,6 +320,20 @@ class Exchange:
                     )
                 )
             return
+        service = self.service
+        endpoint = self.endpoint
+        assert service is not None and endpoint is not None
+        loop = conn.ctx.loop
+        if service.measures_latency:
+            now = loop.time()
+            record_latency(endpoint, now - self._sent_at, now)
+        if status >= 500:
+            outliers.report(service, endpoint, False, f"status {status}", loop)
+            if status in service.retry.retry_on and self._may_retry(status, True):
+                self._retry(None)
+                return
+        elif service.outlier is not None:
+            outliers.report(service, endpoint, True, "", loop)
         self.status = status
         self.response_started = True
         framing = resp.framing
@@ -283,6 +346,10 @@ class Exchange:
             keep = False
         self._keep_alive = keep
         self._client_chunked = chunked
+        extra = b""
+        if self._set_cookie and service.sticky is not None:
+            value = service.sticky.value_for(endpoint)
+            extra = set_cookie_line(service.sticky_cookie, value, service.sticky_max_age)
         conn.write(
             forwarding.response_head(
                 resp,
@@ -290,6 +357,7 @@ class Exchange:
                 keep_alive=keep,
                 client_version=head.version,
                 via=conn.ctx.snapshot.forwarding.via,
+                extra=extra,
             )
         )
         upstream = self.upstream
@@ -412,6 +480,12 @@ class Exchange:
             self._disarm()
             self.conn.ctx.loop.create_task(self._connect())
             return
+        if isinstance(error, UpstreamError) and self.endpoint is not None:
+            assert self.service is not None
+            outliers.report(self.service, self.endpoint, False, error.reason, self.conn.ctx.loop)
+            if not self.response_started and self._may_retry(classify(error), error.request_sent):
+                self._retry(error)
+                return
         upstream = self.upstream
         if upstream is not None:
             self.upstream = None
@@ -430,11 +504,55 @@ class Exchange:
         self.conn.write(response_for(error, close=not keep))
         self._finish(keep)
 
+    def _may_retry(self, outcome: Failure | int, request_sent: bool) -> bool:
+        service = self.service
+        assert service is not None
+        if not service.retry.should_retry(
+            self.head.method,
+            self._attempt,
+            outcome,
+            request_sent=request_sent,
+            request_body_sent=self._body_sent,
+            response_started=self.response_started,
+        ):
+            return False
+        if self._holds_retry:
+            return True  # this request already counts against the budget
+        return service.budget.can_retry(service.active_requests(), service.active_retries)
+
+    def _retry(self, error: PorticoError | None) -> None:
+        """Give up on the current endpoint and send the request to another one."""
+        service = self.service
+        endpoint = self.endpoint
+        assert service is not None and endpoint is not None
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.abort()  # a discarded response must not be read by the next user
+        self._disarm()
+        endpoint.in_flight -= 1
+        self._tried.append(endpoint)
+        self.endpoint = None
+        self.pool = None
+        self._attempt += 1
+        self._retried = False
+        if not self._holds_retry:
+            self._holds_retry = True
+            service.active_retries += 1
+        self._dispatch(error or UpstreamError("every endpoint tried answered with an error"))
+
+    def _release_retry(self) -> None:
+        if self._holds_retry:
+            self._holds_retry = False
+            assert self.service is not None
+            self.service.active_retries -= 1
+
     def _finish(self, keep_alive: bool, abort: bool = False) -> None:
         if self.done:
             return
         self.done = True
         self._disarm()
+        self._release_retry()
         ep = self.endpoint
         if ep is not None:
             ep.in_flight -= 1
@@ -454,6 +572,7 @@ class Exchange:
             return
         self.done = True
         self._disarm()
+        self._release_retry()
         self._buffer = None
         upstream = self.upstream
         if upstream is not None:

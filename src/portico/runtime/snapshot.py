@@ -13,8 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from portico.codec.headers import split_host
-from portico.config.model import Config, Upstream
-from portico.policy.balancers import BALANCERS, Balancer
+from portico.config.model import Config, HealthCheck, Upstream
+from portico.policy.balancers import BALANCERS, Balancer, LeastLatency, select_candidates
+from portico.policy.hashing import ConsistentHash, StickyCookie
+from portico.policy.health import OutlierDetector
+from portico.policy.retry import RetryBudget, RetryPolicy
 from portico.runtime.endpoint import Endpoint
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -22,7 +25,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(slots=True)
 class Service:
-    """A compiled upstream: its endpoints, balancer and the settings the proxy reads."""
+    """A compiled upstream: its endpoints, its policies and the settings the proxy reads."""
 
     name: str
     endpoints: list[Endpoint]
@@ -33,17 +36,36 @@ class Service:
     body_idle_timeout: float
     pool_max_idle: int
     pool_idle_timeout: float
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    budget: RetryBudget = field(default_factory=RetryBudget)
+    health: HealthCheck | None = None
+    outlier: OutlierDetector | None = None
+    sticky: StickyCookie | None = None
+    sticky_cookie: bytes = b""
+    sticky_max_age: int | None = None
+    hash_key: str = "client_ip"  # what keyed balancers hash: see dataplane.affinity
+    slow_start: float = 0.0
+    max_requests: int | None = None
+    measures_latency: bool = False
+    keyed: bool = False  # the balancer hashes a per-request key
+    active_retries: int = 0  # per worker; read by the retry budget
 
-    def available(self) -> Sequence[Endpoint]:
-        """Endpoints a balancer may choose from right now."""
-        eps = self.endpoints
-        for ep in eps:
-            if not ep.up:
-                return [e for e in eps if e.up]
-        return eps
+    def candidates(self, now: float, exclude: Sequence[Endpoint] = ()) -> Sequence[Endpoint]:
+        """Endpoints a request may go to now: available ones (backups only when no primary
+        is), minus ``exclude`` (already tried) and those at their circuit-breaker cap."""
+        candidates = select_candidates(self.endpoints, now, exclude, self.slow_start)
+        cap = self.max_requests
+        if cap is not None:
+            candidates = [ep for ep in candidates if ep.in_flight < cap]
+        return candidates
 
-    def pick(self, key: str | None = None) -> Endpoint | None:
-        return self.balancer.pick(self.available(), key)
+    def pick(
+        self, now: float, key: str | None = None, exclude: Sequence[Endpoint] = ()
+    ) -> Endpoint | None:
+        return self.balancer.pick(self.candidates(now, exclude), key)
+
+    def active_requests(self) -> int:
+        return sum(ep.in_flight for ep in self.endpoints)
 
 
 @dataclass(slots=True)
@@ -96,37 +118,86 @@ class Snapshot:
     forwarding: ForwardingPolicy
 
 
-def _compile_service(name: str, up: Upstream, previous: dict[tuple[str, int], Endpoint]) -> Service:
+def _compile_service(
+    name: str,
+    up: Upstream,
+    previous: dict[tuple[str, int], Endpoint],
+    previous_service: Service | None,
+) -> Service:
     endpoints: list[Endpoint] = []
     for backend in up.backends:
         host, port = backend.address
         ep = previous.get((host, port))
         if ep is None:
-            ep = Endpoint(host, port, backend.weight)
+            ep = Endpoint(host, port, backend.weight, backup=backend.backup)
         else:
             ep.weight = backend.weight
+            ep.backup = backend.backup
         endpoints.append(ep)
+    outlier: OutlierDetector | None = None
+    od = up.outlier
+    if od.consecutive_failures > 0:
+        labels = [ep.label for ep in endpoints]
+        if previous_service is not None and previous_service.outlier is not None:
+            outlier = previous_service.outlier
+            outlier.set_members(labels)
+        else:
+            outlier = OutlierDetector(
+                labels,
+                consecutive_failures=od.consecutive_failures,
+                base_time=od.base_ejection,
+                max_time=max(od.max_ejection, od.base_ejection),
+                max_ejection_percent=od.max_ejection_percent,
+            )
+    sticky = None
+    if up.sticky is not None:
+        if up.sticky.secret is None:
+            raise ValueError(f"upstreams.{name}.sticky.secret must be filled in before compiling")
+        sticky = StickyCookie(up.sticky.secret.encode(), scope=name)
+    balancer = BALANCERS[up.balancer]()
+    rt = up.retry
     return Service(
         name=name,
         endpoints=endpoints,
-        balancer=BALANCERS[up.balancer](),
+        balancer=balancer,
         host_override=up.host.encode("idna") if up.host else None,
         connect_timeout=up.timeouts.connect,
         response_header_timeout=up.timeouts.response_header,
         body_idle_timeout=up.timeouts.body_idle,
         pool_max_idle=up.pool.max_idle,
         pool_idle_timeout=up.pool.idle_timeout,
+        retry=RetryPolicy(
+            attempts=rt.attempts,
+            retry_on=frozenset(rt.on_status),
+            per_try_timeout=rt.per_try_timeout,
+        ),
+        budget=RetryBudget(ratio=rt.budget_percent / 100.0, min_concurrent=rt.budget_min),
+        health=up.health,
+        outlier=outlier,
+        sticky=sticky,
+        sticky_cookie=up.sticky.cookie.encode() if up.sticky else b"",
+        sticky_max_age=int(up.sticky.max_age) if up.sticky and up.sticky.max_age else None,
+        hash_key=up.hash_key,
+        slow_start=up.slow_start,
+        max_requests=up.max_requests,
+        measures_latency=isinstance(balancer, LeastLatency),
+        keyed=isinstance(balancer, ConsistentHash),
     )
 
 
 def compile_config(config: Config, previous: Snapshot | None = None) -> Snapshot:
     """Build a snapshot. Pure: raises only on programming errors (config is validated)."""
     old: dict[tuple[str, int], Endpoint] = {}
+    old_services: dict[str, Service] = {}
     if previous is not None:
+        old_services = previous.services
         for svc in previous.services.values():
             for ep in svc.endpoints:
                 old[ep.address] = ep
-    services = {name: _compile_service(name, up, old) for name, up in config.upstreams.items()}
+    services = {
+        name: _compile_service(name, up, old, old_services.get(name))
+        for name, up in config.upstreams.items()
+    }
     compiled = [
         CompiledRoute(
             host=r.host.lower().encode("idna") if r.host else None,
