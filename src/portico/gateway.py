@@ -16,18 +16,29 @@ import logging
 import multiprocessing
 import os
 import resource
+import secrets
 import signal
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 from portico.config.load import load_file
 from portico.config.model import Config
+from portico.control.health import (
+    StatePublisher,
+    apply_state,
+    follow_state,
+    log_transition,
+)
+from portico.control.prober import Prober
 from portico.dataplane.accesslog import AccessLog
 from portico.dataplane.connection import ClientConnection
 from portico.dataplane.context import ClientSettings, ProxyContext
 from portico.dataplane.listener import bind_socket
 from portico.errors import ConfigError
+from portico.policy.health import Transition
+from portico.runtime.endpoint import Endpoint
 from portico.runtime.snapshot import compile_config
 
 log = logging.getLogger("portico")
@@ -73,31 +84,58 @@ class ConfigSource:
 STATIC_KEYS = ("listen", "workers", "backlog")
 
 
-def reload_snapshot(ctx: ProxyContext, current: Config, source: ConfigSource) -> Config:
-    """Load, compile and swap in a new snapshot; on any problem keep the old one.
+def with_secrets(config: Config) -> Config:
+    """Fill in sticky-cookie secrets left unset, once, so every worker signs alike."""
+    upstreams = {}
+    for name, up in config.upstreams.items():
+        if up.sticky is not None and up.sticky.secret is None:
+            sticky = up.sticky.model_copy(update={"secret": secrets.token_hex(32)})
+            up = up.model_copy(update={"sticky": sticky})
+        upstreams[name] = up
+    return config.model_copy(update={"upstreams": upstreams})
 
-    Returns the config now in force. Endpoint state carries over by address.
-    """
+
+def load_reload(current: Config, source: ConfigSource) -> Config | None:
+    """Load the config for a reload; None (and the reasons logged) if it is refused."""
     try:
         new = source.load()
     except ConfigError as exc:
         for path, reason in exc.problems:
             log.error("reload refused, keeping the running config: %s: %s", path, reason)
-        return current
+        return None
     for key in STATIC_KEYS:
         if getattr(new.server, key) != getattr(current.server, key):
             log.warning("server.%s changed: takes effect on restart only", key)
-    ctx.snapshot = compile_config(new, previous=ctx.snapshot)
-    log.info("reloaded %s: %d upstream(s)", source.path, len(new.upstreams))
-    return new
+    # Keep the running secrets so sticky cookies stay valid across the reload.
+    upstreams = dict(new.upstreams)
+    for name, up in new.upstreams.items():
+        old = current.upstreams.get(name)
+        if up.sticky is not None and up.sticky.secret is None and old and old.sticky:
+            upstreams[name] = up.model_copy(
+                update={"sticky": up.sticky.model_copy(update={"secret": old.sticky.secret})}
+            )
+    return with_secrets(new.model_copy(update={"upstreams": upstreams}))
+
+
+def _on_transition(upstream: str, ep: Endpoint, transition: Transition) -> None:
+    """Single process: the prober's endpoints are the data plane's own."""
+    log_transition(upstream, ep, transition)
+    ep.up = transition.healthy
+    if transition.healthy:
+        ep.healthy_since = transition.at
 
 
 async def run_dataplane(
-    config: Config, *, reuse_port: bool, source: ConfigSource | None = None
+    config: Config,
+    *,
+    reuse_port: bool,
+    source: ConfigSource | None = None,
+    state_pipe: Connection | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain within ``server.shutdown_grace``.
 
-    SIGHUP reloads the routes and upstreams from ``source``.
+    SIGHUP reloads the routes and upstreams from ``source``. Without ``state_pipe`` this
+    process runs the active health checks itself; with it, a master does and sends state.
     """
     loop = asyncio.get_running_loop()
     snapshot = compile_config(config)
@@ -121,11 +159,24 @@ async def run_dataplane(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    prober: Prober | None = None
+    if state_pipe is None:
+        prober = Prober(_on_transition)
+        prober.update(ctx.snapshot)
+    else:
+        follow_state(state_pipe, loop, lambda: ctx.snapshot)
     if source is not None:
         state = {"config": config}
 
         def reload() -> None:
-            state["config"] = reload_snapshot(ctx, state["config"], source)
+            new = load_reload(state["config"], source)
+            if new is None:
+                return
+            state["config"] = new
+            ctx.snapshot = compile_config(new, previous=ctx.snapshot)
+            if prober is not None:
+                prober.update(ctx.snapshot)
+            log.info("reloaded %s: %d upstream(s)", source.path, len(new.upstreams))
 
         loop.add_signal_handler(signal.SIGHUP, reload)
     flusher: asyncio.TimerHandle | None = None
@@ -138,6 +189,8 @@ async def run_dataplane(
 
         flusher = loop.call_later(ACCESS_LOG_FLUSH, flush)
     await stop.wait()
+    if prober is not None:
+        prober.stop()
     log.info("stopping: %d open connections", len(ctx.connections))
     await _drain(ctx, servers, config.server.shutdown_grace)
     if flusher is not None:
@@ -165,10 +218,17 @@ async def _drain(ctx: ProxyContext, servers: list[asyncio.Server], grace: float)
             await asyncio.wait_for(server.wait_closed(), 1.0)
 
 
-def run_worker(config: Config, reuse_port: bool, source: ConfigSource | None = None) -> int:
+def run_worker(
+    config: Config,
+    reuse_port: bool,
+    source: ConfigSource | None = None,
+    state_pipe: Connection | None = None,
+) -> int:
     raise_open_files_limit()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(run_dataplane(config, reuse_port=reuse_port, source=source))
+        return runner.run(
+            run_dataplane(config, reuse_port=reuse_port, source=source, state_pipe=state_pipe)
+        )
 
 
 def _die_with_parent() -> None:
@@ -184,12 +244,14 @@ def _die_with_parent() -> None:
         raise SystemExit(0)  # the master died before the signal was armed
 
 
-def _worker_entry(config_data: dict[str, Any], source: ConfigSource | None) -> None:
+def _worker_entry(
+    config_data: dict[str, Any], source: ConfigSource | None, state_pipe: Connection
+) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     config = Config.model_validate(config_data)
-    raise SystemExit(run_worker(config, reuse_port=True, source=source))
+    raise SystemExit(run_worker(config, reuse_port=True, source=source, state_pipe=state_pipe))
 
 
 def _check_bindable(config: Config) -> None:
@@ -202,6 +264,7 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
 
     With a ``source``, SIGHUP reloads routes and upstreams from it.
     """
+    config = with_secrets(config)
     workers = config.server.workers
     if workers == 1:
         return run_worker(config, reuse_port=False, source=source)
@@ -210,65 +273,86 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
 
 
 class _Master:
-    """Spawns and supervises N data-plane workers sharing the listening port."""
+    """Spawns and supervises N data-plane workers sharing the listening port, and runs the
+    active health checks once for all of them."""
 
     def __init__(self, config: Config, source: ConfigSource | None) -> None:
         self.config = config
         self.source = source
-        self.data = config.model_dump(mode="json")
-        self.ctx = multiprocessing.get_context("spawn")
+        self.mp = multiprocessing.get_context("spawn")
         self.procs: list[Any] = []
-        self.stopping = False
+        self.publisher = StatePublisher()
+        self.snapshot = compile_config(config)
+        self.prober = Prober(self._on_transition)
+
+    def _on_transition(self, upstream: str, ep: Endpoint, transition: Transition) -> None:
+        log_transition(upstream, ep, transition)
+        apply_state(self.snapshot, upstream, ep.label, transition.healthy, transition.at)
+        self.publisher.publish((upstream, ep.label, transition.healthy))
 
     def _spawn(self) -> Any:
-        proc = self.ctx.Process(target=_worker_entry, args=(self.data, self.source), daemon=False)
+        reader, writer = self.mp.Pipe(duplex=False)
+        data = self.config.model_dump(mode="json")
+        proc = self.mp.Process(target=_worker_entry, args=(data, self.source, reader), daemon=False)
         proc.start()
+        reader.close()
         proc.started_at = time.monotonic()
+        self.publisher.add(proc.pid, writer, self.snapshot)
         return proc
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self.stopping = True
+    def _signal_workers(self, sig: int) -> None:
         for proc in self.procs:
             if proc.is_alive() and proc.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
+                    os.kill(proc.pid, sig)
 
-    def _on_reload(self, _signum: int, _frame: object) -> None:
+    def _reload(self) -> None:
         if self.source is None:
             return
-        try:
-            self.source.load()
-        except ConfigError as exc:
-            for path, reason in exc.problems:
-                log.error("reload refused, keeping the running config: %s: %s", path, reason)
+        new = load_reload(self.config, self.source)
+        if new is None:
             return
-        for proc in self.procs:
-            if proc.is_alive() and proc.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGHUP)
+        self.config = new
+        self.snapshot = compile_config(new, previous=self.snapshot)
+        self.prober.update(self.snapshot)
+        self._signal_workers(signal.SIGHUP)
 
     def run(self) -> int:
         raise_open_files_limit()
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_reload)
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(self._main())
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         self.procs = [self._spawn() for _ in range(self.config.server.workers)]
         log.info("master %d started %d workers", os.getpid(), len(self.procs))
-        while not self.stopping:
-            time.sleep(0.2)
+        self.prober.update(self.snapshot)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+            if stop.is_set():
+                break
             for i, proc in enumerate(self.procs):
-                if proc.is_alive() or self.stopping:
+                if proc.is_alive():
                     continue
-                crashed = time.monotonic() - proc.started_at < WORKER_MIN_UPTIME
+                self.publisher.remove(proc.pid)
                 log.warning("worker %s exited with %s; replacing it", proc.pid, proc.exitcode)
-                if crashed:
-                    time.sleep(WORKER_MIN_UPTIME)
-                if not self.stopping:
+                if time.monotonic() - proc.started_at < WORKER_MIN_UPTIME:
+                    await asyncio.sleep(WORKER_MIN_UPTIME)  # crashing at start: do not spin
+                if not stop.is_set():
                     self.procs[i] = self._spawn()
+        self.prober.stop()
+        self._signal_workers(signal.SIGTERM)
         deadline = time.monotonic() + self.config.server.shutdown_grace + 5
+        while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         for proc in self.procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
-                proc.join(1)
+            proc.join(1)
+        self.publisher.close()
         return 0
