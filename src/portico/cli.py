@@ -22,7 +22,7 @@ import click
 from pydantic import BaseModel
 
 from portico import __version__
-from portico.config.load import config_from_flags, load_file
+from portico.config.load import config_for_app, config_from_flags, load_file
 from portico.config.model import AccessLog, Config, Server, Upstream
 from portico.errors import ConfigError
 from portico.policy.balancers import BALANCERS
@@ -172,6 +172,116 @@ def proxy(
         _echo_problems(e, err=True)
         ctx.exit(EXIT_CONFIG_REFUSED)
     ctx.exit(_run(config))
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("-l", "--listen", multiple=True, metavar="HOST:PORT", help="Address to listen on.")
+@click.option("--wsgi", metavar="MODULE:APP", help="Run a WSGI app under gunicorn.")
+@click.option("--asgi", metavar="MODULE:APP", help="Run an ASGI app under uvicorn.")
+@click.option("--cwd", metavar="DIR", help="Working directory of the instances.")
+@click.option("--min", "min_", type=int, default=None, help="Fewest instances (0: scale to zero).")
+@click.option("--max", "max_", type=int, default=None, help="Most instances.")
+@click.option(
+    "--metric",
+    default=None,
+    metavar="NAME",
+    help="Autoscaling signal: in_flight, rps, p95_latency or cpu. [default: in_flight]",
+)
+@click.option("--target", type=float, default=None, help="Target value of the metric per instance.")
+@click.option("--ready-path", default=None, metavar="PATH", help="Readiness probe path.")
+@click.option("--access-log", default=None, metavar="FORMAT", help="common, combined or json.")
+@click.option("--pid-file", default=None, metavar="FILE", help="Write the process id here.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run(
+    ctx: click.Context,
+    listen: tuple[str, ...],
+    wsgi: str | None,
+    asgi: str | None,
+    cwd: str | None,
+    min_: int | None,
+    max_: int | None,
+    metric: str | None,
+    target: float | None,
+    ready_path: str | None,
+    access_log: str | None,
+    pid_file: str | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run instances of an app and proxy to them; heal, roll and auto-scale them.
+
+    The command gets a free loopback port as {port} in its arguments and as $PORT.
+    Autoscaling is on when --max is above --min (or --target/--metric is given).
+
+    \b
+    Examples:
+      portico run --listen 127.0.0.1:8080 --min 2 --max 8 -- gunicorn -b 127.0.0.1:{port} wsgi:app
+      portico run --wsgi app:app --cwd examples/flask-app --min 1 --max 4
+    """
+    autoscale: dict[str, object] | None = None
+    if metric is not None or target is not None or (max_ is not None and max_ > (min_ or 1)):
+        autoscale = {"metric": metric, "target": target}
+        autoscale = {k: v for k, v in autoscale.items() if v is not None}
+    app = {
+        "command": list(command) or None,
+        "wsgi": wsgi,
+        "asgi": asgi,
+        "cwd": cwd,
+        "min": min_,
+        "max": max_ if max_ is not None else (min_ if min_ and min_ > 4 else None),
+        "ready_path": ready_path,
+        "autoscale": autoscale,
+    }
+    try:
+        config = config_for_app(app, listen=listen, access_log=access_log, pid_file=pid_file)
+    except ConfigError as e:
+        _echo_problems(e, err=True)
+        ctx.exit(EXIT_CONFIG_REFUSED)
+    ctx.exit(_run(config))
+
+
+@main.command()
+@click.option("--pid", type=int, default=None, help="Process id of the running Portico.")
+@click.option(
+    "-c",
+    "--config",
+    "config_file",
+    default=None,
+    metavar="FILE",
+    help="Config whose server.pid_file names the running Portico.",
+)
+@click.pass_context
+def restart(ctx: click.Context, pid: int | None, config_file: str | None) -> None:
+    """Rolling restart of every app instance (the same as sending SIGUSR1).
+
+    Instances are replaced one by one: a new one starts, becomes ready, then an old one
+    drains and stops, so no request is lost.
+    """
+    import os
+    import signal
+
+    if pid is None:
+        if config_file is None:
+            raise click.UsageError("give --pid or -c FILE (with server.pid_file set)")
+        try:
+            config = load_file(config_file)
+        except ConfigError as e:
+            _echo_problems(e, err=True)
+            ctx.exit(EXIT_CONFIG_REFUSED)
+        if not config.server.pid_file:
+            raise click.UsageError(f"{config_file} sets no server.pid_file")
+        try:
+            with open(config.server.pid_file) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError) as e:
+            click.echo(f"cannot read {config.server.pid_file}: {e}", err=True)
+            ctx.exit(1)
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        click.echo(f"no process {pid}", err=True)
+        ctx.exit(1)
+    click.echo(f"rolling restart requested from process {pid}")
 
 
 def summarize(config: Config, source: str) -> list[str]:

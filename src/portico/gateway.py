@@ -31,6 +31,7 @@ from portico.control.health import (
     follow_state,
     log_transition,
 )
+from portico.control.orchestrator import Orchestrator
 from portico.control.prober import Prober
 from portico.dataplane.accesslog import AccessLog
 from portico.dataplane.connection import ClientConnection
@@ -165,6 +166,11 @@ async def run_dataplane(
         prober.update(ctx.snapshot)
     else:
         follow_state(state_pipe, loop, lambda: ctx.snapshot)
+    orchestrator: Orchestrator | None = None
+    if any(up.app is not None for up in config.upstreams.values()):
+        orchestrator = Orchestrator(config, lambda: ctx.snapshot)
+        orchestrator.start()
+        loop.add_signal_handler(signal.SIGUSR1, orchestrator.rolling_restart)
     if source is not None:
         state = {"config": config}
 
@@ -193,6 +199,8 @@ async def run_dataplane(
         prober.stop()
     log.info("stopping: %d open connections", len(ctx.connections))
     await _drain(ctx, servers, config.server.shutdown_grace)
+    if orchestrator is not None:
+        await orchestrator.stop()  # after the clients: their requests finished first
     if flusher is not None:
         flusher.cancel()
     if access_log is not None:
@@ -265,11 +273,19 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
     With a ``source``, SIGHUP reloads routes and upstreams from it.
     """
     config = with_secrets(config)
-    workers = config.server.workers
-    if workers == 1:
-        return run_worker(config, reuse_port=False, source=source)
-    _check_bindable(config)
-    return _Master(config, source).run()
+    pid_file = config.server.pid_file
+    if pid_file:
+        with open(pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        if config.server.workers == 1:
+            return run_worker(config, reuse_port=False, source=source)
+        _check_bindable(config)
+        return _Master(config, source).run()
+    finally:
+        if pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(pid_file)
 
 
 class _Master:

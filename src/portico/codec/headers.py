@@ -33,12 +33,17 @@ IDEMPOTENT_METHODS: frozenset[bytes] = frozenset(
 
 
 def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
-    """The lower-cased tokens of every ``Connection`` field value."""
+    """The lower-cased tokens of every ``Connection`` field value, except the framing fields.
+
+    The proxy removes the fields these tokens name. ``Connection: content-length`` must not
+    remove Content-Length: the body would be forwarded without framing and read by the next
+    hop as a second, smuggled message. Framing is Portico's own business (it re-frames).
+    """
     tokens: set[bytes] = set()
     for value in values:
         for token in value.split(b","):
             token = token.strip().lower()
-            if token:
+            if token and token not in FRAMING:
                 tokens.add(token)
     return frozenset(tokens)
 

@@ -36,6 +36,11 @@ from portico.errors import BadResponse, ProtocolError
 
 _CHUNKED = b"chunked"
 
+# Bytes a Host value may hold (RFC 3986 host and port: reg-name, IP literal, pct-encoding).
+# Anything else (space, '/', '@', '?'...) makes Host ambiguous to whatever uses it next, and
+# RFC 9112 3.2 requires a 400 for an invalid Host.
+_HOST_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
+
 
 class _Stop(Exception):
     """Raised inside a parser callback to stop llhttp where we decide the message ends."""
@@ -201,6 +206,8 @@ class RequestParser:
                 raise ProtocolError("more than one Host header", 400)
         else:
             raise ProtocolError(f"HTTP/{version} is not supported", 505)
+        if self._host is not None and self._host.translate(None, _HOST_BYTES):
+            raise ProtocolError("invalid Host header", 400)
         method = parser.get_method()
         if method == b"CONNECT":
             raise ProtocolError("CONNECT is not served by a reverse proxy", 501)
@@ -213,6 +220,9 @@ class RequestParser:
         if self._te_count:
             if self._te_count > 1 or self._te.strip().lower() != _CHUNKED:  # type: ignore[union-attr]
                 raise ProtocolError("only a single 'chunked' transfer coding is accepted", 400)
+            if vbytes == b"1.0":
+                # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing.
+                raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request", 400)
             framing = "chunked"
         else:
             content_length = self._content_length_header()
@@ -380,6 +390,10 @@ class ResponseParser:
             vbytes = b"1.0"
         else:
             raise BadResponse(f"upstream answered with HTTP/{version}")
+        if not 100 <= status <= 599:
+            # RFC 9110 15: outside 100..599 is invalid. llhttp takes any three digits, and
+            # would frame 0xx with a body but let the proxy treat it as interim.
+            raise BadResponse(f"upstream answered with invalid status {status:03d}")
         content_length: int | None = None
         framing: Framing
         if status < 200 or status in (204, 304):

@@ -119,6 +119,22 @@ def config_from_flags(
     return validate(apply_overrides({}, {k: v for k, v in flags.items() if v is not None}))
 
 
+def config_for_app(
+    app: Mapping[str, object],
+    listen: Sequence[str] = (),
+    access_log: str | None = None,
+    pid_file: str | None = None,
+) -> Config:
+    """Build the config for ``portico run``: one upstream whose endpoints come from an app."""
+    flags: dict[str, object] = {
+        "server.listen": list(listen) or None,
+        "server.pid_file": pid_file,
+        f"upstreams.{FLAGS_UPSTREAM}.app": {k: v for k, v in app.items() if v is not None},
+        "access_log.format": access_log,
+    }
+    return validate(apply_overrides({}, {k: v for k, v in flags.items() if v is not None}))
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, object]) -> dict[str, Any]:
     """Return a copy of ``data`` with each dotted key in ``overrides`` set to its value.
 

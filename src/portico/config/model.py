@@ -142,6 +142,9 @@ class Server(Strict):
     listen: list[ListenAddress] = Field(default_factory=lambda: ["127.0.0.1:8080"])
     workers: int = Field(1, ge=1, le=256)
     backlog: int = Field(2048, gt=0)
+    pid_file: str | None = Field(
+        None, description="file to write the main process id to (for `portico restart`)"
+    )
     shutdown_grace: NonNegSeconds = Field(
         30.0, description="time in-flight requests get to finish on SIGTERM/Ctrl-C"
     )
@@ -310,8 +313,99 @@ class Sticky(Strict):
     )
 
 
+class Autoscale(Strict):
+    """Target tracking, as Kubernetes' HPA and Knative do it."""
+
+    metric: Literal["in_flight", "rps", "p95_latency", "cpu"] = Field(
+        "in_flight", description="signal per instance: in-flight requests, req/s, p95 s, CPU %"
+    )
+    target: float = Field(4.0, gt=0, description="desired value of the metric per instance")
+    interval: PositiveSeconds = Field(1.0, description="seconds between samples and decisions")
+    scale_up_window: NonNegSeconds = Field(
+        0.0, description="stabilisation: scale up to the lowest recommendation of this window"
+    )
+    scale_down_window: NonNegSeconds = Field(
+        30.0, description="stabilisation: scale down to the highest recommendation of this window"
+    )
+    max_step: int = Field(4, ge=1, description="most instances added or removed in one decision")
+    cooldown: NonNegSeconds = Field(5.0, description="least time between two scaling actions")
+    idle_timeout: PositiveSeconds = Field(
+        300.0, description="with min = 0: scale to zero after this long without requests"
+    )
+
+
+class App(Strict):
+    """Instances Portico runs itself. Each gets a free loopback port as {port} and $PORT."""
+
+    command: list[str] | None = Field(None, description="argv; {port} is replaced")
+    wsgi: str | None = Field(None, description="module:app served by gunicorn")
+    asgi: str | None = Field(None, description="module:app served by uvicorn")
+    cwd: str | None = Field(None, description="working directory of the instances")
+    env: dict[str, str] = Field(default_factory=dict)
+    min: int = Field(1, ge=0, le=256)
+    max: int = Field(4, ge=1, le=256)
+    ready_path: str = Field("/", description="GET this; 200-399 means ready for traffic")
+    ready_timeout: PositiveSeconds = Field(
+        30.0, description="an instance not ready by then is failed"
+    )
+    ready_interval: PositiveSeconds = Field(0.1, description="time between readiness probes")
+    drain_timeout: NonNegSeconds = Field(
+        30.0, description="in-flight requests get this long before an instance is stopped"
+    )
+    stop_timeout: PositiveSeconds = Field(10.0, description="SIGTERM to SIGKILL")
+    backoff_initial: PositiveSeconds = Field(0.5, description="first delay before a restart")
+    backoff_max: PositiveSeconds = Field(30.0, description="longest delay between restarts")
+    crash_loop_after: int = Field(
+        5, ge=1, description="crashes in a row (each before ready or quick) that mean crash loop"
+    )
+    cold_start_timeout: PositiveSeconds = Field(
+        30.0, description="with min = 0: how long the first request waits for an instance"
+    )
+    autoscale: Autoscale | None = Field(None, description="unset = a fixed count of min")
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            import shlex
+
+            return shlex.split(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_way_to_run(self) -> App:
+        given = [k for k in ("command", "wsgi", "asgi") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of command, wsgi or asgi")
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
+        return self
+
+    def argv(self, port: int) -> list[str]:
+        """The command line of one instance listening on ``port``."""
+        import sys
+
+        if self.wsgi:
+            return [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", self.wsgi]
+        if self.asgi:
+            module = self.asgi
+            return [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                module,
+            ]
+        assert self.command is not None
+        return [part.replace("{port}", str(port)) for part in self.command]
+
+
 class Upstream(Strict):
     backends: list[Backend] = Field(default_factory=list)
+    app: App | None = Field(None, description="instances Portico runs, instead of backends")
     balancer: str = "round_robin"
     hash_key: str = Field(
         "client_ip",
@@ -332,6 +426,12 @@ class Upstream(Strict):
     max_requests: int | None = Field(
         None, ge=1, description="circuit breaker: concurrent requests per endpoint (per worker)"
     )
+
+    @model_validator(mode="after")
+    def _backends_or_app(self) -> Upstream:
+        if self.app is not None and self.backends:
+            raise ValueError("give backends or app, not both")
+        return self
 
     @field_validator("hash_key")
     @classmethod
@@ -394,6 +494,12 @@ class Config(Strict):
                 )
         if not self.routes and len(self.upstreams) > 1:
             problems.append("routes: several upstreams need routes saying which gets what")
+        if self.server.workers > 1:
+            for name, up in self.upstreams.items():
+                if up.app is not None:
+                    problems.append(
+                        f"upstreams.{name}.app: apps run with server.workers = 1 for now"
+                    )
         if problems:
             raise ValueError("\n".join(problems))
         return self

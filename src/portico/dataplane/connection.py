@@ -292,6 +292,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
             if self._timer_kind == T_BODY:
                 self._body_paused_at = self.ctx.loop.time()
+                # A client we paused is not idle: body_idle restarts in _resume.
+                self._timer.clear()
         self._paused |= reason
 
     def _resume(self, reason: int) -> None:
@@ -338,7 +340,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _check_body_rate(self, n: int) -> None:
         s = self.settings
-        self._timer.set(s.body_idle_timeout)
+        if not self._paused:  # this read may have paused us; then _resume re-arms it
+            self._timer.set(s.body_idle_timeout)
         self._body_bytes += n
         if s.body_min_rate <= 0:
             return

@@ -39,7 +39,7 @@ from portico.errors import (
     UpstreamError,
 )
 from portico.policy.balancers import record_latency
-from portico.policy.retry import Failure, classify
+from portico.policy.retry import Failure, classify, is_idempotent
 
 if TYPE_CHECKING:
     from portico.dataplane.accesslog import AccessLog
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 # client is paused; 64 KiB matches the transports' default write high-water mark.
 CONNECT_BUFFER_LIMIT = 65536
 
-U_NONE, U_HEADER, U_BODY = range(3)
+U_NONE, U_HEADER, U_BODY, U_COLD = range(4)
 
 
 def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
@@ -177,6 +177,9 @@ class Exchange:
                 key = hash_key(service.hash_key, head, self._target, conn.client.ip)
             endpoint = service.balancer.pick(candidates, key)
         if endpoint is None:
+            if service.demand is not None and last_error is None and not self._tried:
+                self._hold_for_instance(service)
+                return
             self._fail(last_error or NoHealthyEndpoint(f"no available endpoint in {service.name}"))
             return
         self.endpoint = endpoint
@@ -201,6 +204,18 @@ class Exchange:
         else:
             self._reused = False
             conn.ctx.loop.create_task(self._connect())
+
+    def _hold_for_instance(self, service: Service) -> None:
+        """Scale from zero: ask for an instance and wait (bounded) until one is ready."""
+        service.waiters.append(self._instance_ready)
+        self._arm(U_COLD, service.cold_start_timeout)
+        service.demand()  # type: ignore[misc]
+
+    def _instance_ready(self) -> None:
+        if self.done:
+            return
+        self._disarm()
+        self._dispatch(NoHealthyEndpoint("no instance became ready"))
 
     async def _connect(self) -> None:
         pool = self.pool
@@ -238,7 +253,7 @@ class Exchange:
                 upstream.write(LAST_CHUNK)
         service = self.service
         assert service is not None
-        if service.measures_latency:
+        if service.measures_latency or service.latencies is not None:
             self._sent_at = self.conn.ctx.loop.time()
         self._arm(U_HEADER, self._header_timeout())
 
@@ -327,6 +342,8 @@ class Exchange:
         if service.measures_latency:
             now = loop.time()
             record_latency(endpoint, now - self._sent_at, now)
+        if service.latencies is not None:
+            service.latencies.append(loop.time() - self._sent_at)
         if status >= 500:
             outliers.report(service, endpoint, False, f"status {status}", loop)
             if status in service.retry.retry_on and self._may_retry(status, True):
@@ -444,6 +461,11 @@ class Exchange:
             self._fail(ResponseTimeout("upstream did not answer in time"))
         elif kind == U_BODY:
             self._fail(ResponseTimeout("upstream stalled"))
+        elif kind == U_COLD:
+            service = self.service
+            if service is not None and self._instance_ready in service.waiters:
+                service.waiters.remove(self._instance_ready)
+            self._fail(NoHealthyEndpoint("no instance became ready in time"))
 
     # --- failure and completion -------------------------------------------------------------
 
@@ -453,9 +475,9 @@ class Exchange:
     def _can_retry_fresh(self, error: PorticoError) -> bool:
         """A warm connection that died before a single response byte: the keep-alive race.
 
-        Only bodiless requests are replayed: their whole request is ``head_bytes``, and a
-        backend that closed an idle connection cannot have acted on it. General retries
-        (other endpoints, statuses, budgets) belong to ``policy.retry``.
+        Only bodiless idempotent requests are replayed: their whole request is ``head_bytes``,
+        and the close cannot be told apart from a backend that read the request and died on
+        it, so a POST could run twice. General retries belong to ``policy.retry``.
         """
         upstream = self.upstream
         return (
@@ -466,6 +488,7 @@ class Exchange:
             and upstream is not None
             and upstream.bytes_in == 0
             and self.head.framing == "none"
+            and is_idempotent(self.head.method)
         )
 
     def _fail(self, error: PorticoError) -> None:

@@ -177,6 +177,10 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_tunnel_closed()
             return
         try:
+            if exc is not None and not self.parser.complete:
+                # A reset is an error on the connection: it completes nothing, not even a
+                # close-delimited body (RFC 9112 section 8).
+                raise BadResponse("reset")
             events = self.parser.feed_eof()
         except BadResponse:
             reason = "upstream closed the connection" if exc is None else f"upstream reset: {exc}"

@@ -9,7 +9,8 @@ snapshot are carried over by address so their live state survives.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from portico.codec.headers import split_host
@@ -21,6 +22,10 @@ from portico.policy.retry import RetryBudget, RetryPolicy
 from portico.runtime.endpoint import Endpoint
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Response times kept per upstream for a p95 autoscaler: enough for a stable percentile at a
+# few hundred requests per second, bounded so memory does not follow traffic.
+LATENCY_SAMPLES = 2048
 
 
 @dataclass(slots=True)
@@ -49,6 +54,12 @@ class Service:
     measures_latency: bool = False
     keyed: bool = False  # the balancer hashes a per-request key
     active_retries: int = 0  # per worker; read by the retry budget
+    # Apps (instances Portico runs): endpoints come and go with the supervisor.
+    has_app: bool = False
+    cold_start_timeout: float = 30.0
+    demand: Callable[[], None] | None = None  # asks the supervisor for an instance (min = 0)
+    waiters: list[Callable[[], None]] = field(default_factory=list)  # requests held for one
+    latencies: deque[float] | None = None  # recent response times, for a p95 autoscaler
 
     def candidates(self, now: float, exclude: Sequence[Endpoint] = ()) -> Sequence[Endpoint]:
         """Endpoints a request may go to now: available ones (backups only when no primary
@@ -125,6 +136,8 @@ def _compile_service(
     previous_service: Service | None,
 ) -> Service:
     endpoints: list[Endpoint] = []
+    if up.app is not None and previous_service is not None and previous_service.has_app:
+        endpoints = previous_service.endpoints  # the supervisor's, not the config's
     for backend in up.backends:
         host, port = backend.address
         ep = previous.get((host, port))
@@ -182,6 +195,14 @@ def _compile_service(
         max_requests=up.max_requests,
         measures_latency=isinstance(balancer, LeastLatency),
         keyed=isinstance(balancer, ConsistentHash),
+        has_app=up.app is not None,
+        cold_start_timeout=up.app.cold_start_timeout if up.app else 30.0,
+        demand=previous_service.demand if previous_service and up.app else None,
+        latencies=(
+            deque(maxlen=LATENCY_SAMPLES)
+            if up.app and up.app.autoscale and up.app.autoscale.metric == "p95_latency"
+            else None
+        ),
     )
 
 

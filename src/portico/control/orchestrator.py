@@ -1,0 +1,59 @@
+"""Runs every app of a config: one supervisor (and, if asked, one autoscaler) per app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from portico.config.model import Config
+from portico.control.autoscaler import Autoscaler
+from portico.control.providers.local import LocalProvider
+from portico.control.supervisor import Supervisor
+from portico.runtime.events import EventLog
+from portico.runtime.snapshot import Service, Snapshot
+
+log = logging.getLogger("portico.app")
+
+
+class Orchestrator:
+    def __init__(self, config: Config, snapshot_of: Callable[[], Snapshot]) -> None:
+        self.config = config
+        self.snapshot_of = snapshot_of
+        self.events = EventLog()
+        self.provider = LocalProvider()
+        self.supervisors: dict[str, Supervisor] = {}
+        self.autoscalers: dict[str, Autoscaler] = {}
+        self._restarts: set[asyncio.Task[None]] = set()
+
+    def _service(self, name: str) -> Callable[[], Service]:
+        return lambda: self.snapshot_of().services[name]
+
+    def start(self) -> None:
+        for name, upstream in self.config.upstreams.items():
+            app = upstream.app
+            if app is None:
+                continue
+            sup = Supervisor(name, app, self.provider, self._service(name), self.events)
+            self.supervisors[name] = sup
+            sup.start()
+            if app.autoscale is not None:
+                scaler = Autoscaler(sup, app.autoscale, self._service(name), self.events)
+                self.autoscalers[name] = scaler
+                scaler.start()
+
+    def rolling_restart(self) -> None:
+        """Replace every instance of every app, one at a time per app."""
+        loop = asyncio.get_running_loop()
+        for sup in self.supervisors.values():
+            task = loop.create_task(sup.rolling_restart())
+            self._restarts.add(task)
+            task.add_done_callback(self._restarts.discard)
+
+    async def stop(self) -> None:
+        for scaler in self.autoscalers.values():
+            await scaler.stop()
+        for task in list(self._restarts):
+            task.cancel()
+        await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
+        self.provider.close()

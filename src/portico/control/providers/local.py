@@ -1,0 +1,138 @@
+"""Local processes as instances: any command that serves HTTP on the port it is given.
+
+Each instance runs in its own process group (so a stop reaches gunicorn's workers too) and
+asks the kernel to SIGKILL it if Portico dies (PR_SET_PDEATHSIG), so none is left behind even
+when Portico itself is killed with SIGKILL. Its output is logged line by line with the
+instance id as prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+
+import psutil
+
+from portico.config.model import App
+
+log = logging.getLogger("portico.app")
+
+PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """A free loopback port. A small race remains (another process may take it first);
+    a start that fails for that reason is retried like any crash."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_portico() -> None:  # pragma: no cover - runs in the child before exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class LocalInstance:
+    __slots__ = ("_proc", "_ps", "_reader", "host", "id", "port")
+
+    def __init__(self, instance_id: str, port: int, proc: asyncio.subprocess.Process) -> None:
+        self.id = instance_id
+        self.host = "127.0.0.1"
+        self.port = port
+        self._proc = proc
+        self._ps: psutil.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<LocalInstance {self.id} pid={self.pid} port={self.port}>"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def alive(self) -> bool:
+        return self._proc.returncode is None
+
+    def exit_code(self) -> int | None:
+        return self._proc.returncode
+
+    async def wait(self) -> int:
+        return await self._proc.wait()
+
+    def cpu_percent(self) -> float:
+        """CPU use of the instance's whole process tree since the last call (psutil)."""
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.pid)
+            total = self._ps.cpu_percent(None)
+            for child in self._ps.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.cpu_percent(None)
+            return total
+        except psutil.Error:
+            return 0.0
+
+
+class LocalProvider:
+    """Runs instances as child processes on free loopback ports."""
+
+    def __init__(self) -> None:
+        self._instances: set[LocalInstance] = set()
+
+    async def start(self, app_name: str, spec: App, instance_id: str) -> LocalInstance:
+        port = free_port()
+        env = dict(os.environ)
+        env.update(spec.env)
+        env["PORT"] = str(port)
+        env["PORTICO_INSTANCE"] = instance_id
+        proc = await asyncio.create_subprocess_exec(
+            *spec.argv(port),
+            cwd=spec.cwd,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_portico,
+        )
+        instance = LocalInstance(instance_id, port, proc)
+        instance._reader = asyncio.get_running_loop().create_task(self._pump(instance, proc))
+        self._instances.add(instance)
+        return instance
+
+    async def _pump(self, instance: LocalInstance, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            log.info("[%s] %s", instance.id, line.decode("utf-8", "replace").rstrip())
+
+    async def stop(self, instance: LocalInstance, timeout: float) -> None:  # type: ignore[override]
+        """SIGTERM to the process group, SIGKILL after ``timeout``."""
+        if instance.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(instance.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(instance.wait(), timeout)
+            except TimeoutError:
+                log.warning("%s did not stop in %gs: SIGKILL", instance.id, timeout)
+        # Whatever is left in the group (workers that outlived their master) goes now.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(instance.pid, signal.SIGKILL)
+        if instance.alive():
+            await instance.wait()
+        if instance._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(instance._reader, 1.0)
+        self._instances.discard(instance)
+
+    def close(self) -> None:
+        """Last resort on exit: kill every process group still running."""
+        for instance in list(self._instances):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(instance.pid, signal.SIGKILL)
+        self._instances.clear()
