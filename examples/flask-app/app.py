@@ -40,7 +40,9 @@ _counter = itertools.count(1)
 
 
 def instance_name() -> str:
-    return os.environ.get("INSTANCE") or f"port-{server_port()}"
+    # INSTANCE when started by hand or a test; PORTICO_INSTANCE when `portico run` started it.
+    name = os.environ.get("INSTANCE") or os.environ.get("PORTICO_INSTANCE")
+    return name or f"port-{server_port()}"
 
 
 def server_port() -> int:
