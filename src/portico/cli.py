@@ -296,6 +296,10 @@ def summarize(config: Config, source: str) -> list[str]:
         backends = ", ".join(
             b.url if b.weight == 1 else f"{b.url} (weight {b.weight})" for b in upstream.backends
         )
+        if upstream.app is not None:
+            app = upstream.app
+            what = app.wsgi or app.asgi or " ".join(app.command or [])
+            backends = f"app {what!r}, {app.min}..{app.max} instances"
         lines.append(f"  {name} ({upstream.balancer}): {backends or 'no backends'}")
     lines.append("routes:")
     if config.routes:
