@@ -9,4 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check src tests bench examples
+.venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

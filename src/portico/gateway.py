@@ -297,6 +297,7 @@ class _Master:
         self.source = source
         self.mp = multiprocessing.get_context("spawn")
         self.procs: list[Any] = []
+        self.started: dict[int, float] = {}  # worker pid -> when it was spawned
         self.publisher = StatePublisher()
         self.snapshot = compile_config(config)
         self.prober = Prober(self._on_transition)
@@ -312,7 +313,8 @@ class _Master:
         proc = self.mp.Process(target=_worker_entry, args=(data, self.source, reader), daemon=False)
         proc.start()
         reader.close()
-        proc.started_at = time.monotonic()
+        assert proc.pid is not None
+        self.started[proc.pid] = time.monotonic()
         self.publisher.add(proc.pid, writer, self.snapshot)
         return proc
 
@@ -357,7 +359,7 @@ class _Master:
                     continue
                 self.publisher.remove(proc.pid)
                 log.warning("worker %s exited with %s; replacing it", proc.pid, proc.exitcode)
-                if time.monotonic() - proc.started_at < WORKER_MIN_UPTIME:
+                if time.monotonic() - self.started.pop(proc.pid, 0.0) < WORKER_MIN_UPTIME:
                     await asyncio.sleep(WORKER_MIN_UPTIME)  # crashing at start: do not spin
                 if not stop.is_set():
                     self.procs[i] = self._spawn()

@@ -122,7 +122,8 @@ class RequestParser:
         if self.upgrade_pending:
             self.upgrade_leftover += data
             return []
-        self._events = events = []
+        events: list[Event] = []
+        self._events = events
         was_in_head = self._in_head
         try:
             self._parser.feed_data(data)
@@ -325,7 +326,8 @@ class ResponseParser:
         return self._done
 
     def feed(self, data: bytes) -> list[Event]:
-        self._events = events = []
+        events: list[Event] = []
+        self._events = events
         if self._done:
             self.garbage = True
             return events

@@ -524,7 +524,10 @@ class Exchange:
             and not self.conn.ctx.closing
             and (self.request_done or self.head.framing == "none")
         )
-        self.conn.write(response_for(error, close=not keep))
+        response = response_for(error, close=not keep)
+        # The access log counts body bytes sent, Portico's own error bodies included.
+        self.sent_bytes = len(response) - response.index(b"\r\n\r\n") - 4
+        self.conn.write(response)
         self._finish(keep)
 
     def _may_retry(self, outcome: Failure | int, request_sent: bool) -> bool:

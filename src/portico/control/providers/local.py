@@ -19,6 +19,7 @@ import socket
 import psutil
 
 from portico.config.model import App
+from portico.control.providers.base import Instance
 
 log = logging.getLogger("portico.app")
 
@@ -74,7 +75,7 @@ class LocalInstance:
             for child in self._ps.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     total += child.cpu_percent(None)
-            return total
+            return float(total)
         except psutil.Error:
             return 0.0
 
@@ -111,8 +112,9 @@ class LocalProvider:
         while line := await proc.stdout.readline():
             log.info("[%s] %s", instance.id, line.decode("utf-8", "replace").rstrip())
 
-    async def stop(self, instance: LocalInstance, timeout: float) -> None:  # type: ignore[override]
+    async def stop(self, instance: Instance, timeout: float) -> None:
         """SIGTERM to the process group, SIGKILL after ``timeout``."""
+        assert isinstance(instance, LocalInstance)
         if instance.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(instance.pid, signal.SIGTERM)
