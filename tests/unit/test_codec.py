@@ -153,6 +153,11 @@ BAD_REQUESTS = [
     # Host rules.
     (b"GET / HTTP/1.1\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: evil/a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a@evil\r\n\r\n", 400),
+    # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing.
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     # Versions, methods, targets.
     (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 400),
     (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
@@ -169,6 +174,26 @@ def test_bad_requests_are_refused_with_status(feed, raw: bytes, status: int) -> 
     with pytest.raises(ProtocolError) as info:
         feed(RequestParser(), raw)
     assert info.value.status == status
+
+
+def test_valid_hosts_pass() -> None:
+    for host in (b"a.example", b"a.example:8080", b"[::1]:80", b"127.0.0.1", b"xn--bcher-kva.ch"):
+        (head, _) = RequestParser().feed(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert isinstance(head, RequestHead) and head.host == host
+
+
+def test_connection_cannot_name_framing_fields() -> None:
+    """Content-Length named in Connection is not a hop-by-hop option: dropping it would forward
+    the body unframed (request smuggling). The proxy re-frames Transfer-Encoding itself."""
+    raw = (b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Content-Length, X-Hop, "
+           b"transfer-encoding\r\nContent-Length: 3\r\n\r\nabc")  # fmt: skip
+    head = RequestParser().feed(raw)[0]
+    assert isinstance(head, RequestHead)
+    assert head.connection_tokens == frozenset({b"x-hop"})
+    p = ResponseParser()
+    p.expect(b"GET")
+    resp = p.feed(b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\nok")
+    assert isinstance(resp[0], ResponseHead) and resp[0].connection_tokens == frozenset()
 
 
 def test_limits() -> None:

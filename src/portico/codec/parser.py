@@ -5,7 +5,8 @@ the classic smuggling vectors: Content-Length together with Transfer-Encoding, r
 Content-Length, bad chunk sizes, bare LF, obs-fold and control bytes in fields. On top of it
 we enforce what llhttp leaves to the application:
 
-* requests: exactly one Host on HTTP/1.1; ``Transfer-Encoding`` only as a single ``chunked``;
+* requests: exactly one Host on HTTP/1.1, holding only host and port characters;
+  ``Transfer-Encoding`` only as a single ``chunked``, and never in HTTP/1.0;
   HTTP/1.0 or 1.1 only; size limits (414 for the target, 431 for the head, 413 for the
   body); ``Expect`` other than ``100-continue`` is refused (417); CONNECT is not served (501).
 * responses: framing fixed from the request method (HEAD) and the status (1xx/204/304);
