@@ -26,6 +26,7 @@ import httptools
 from portico.codec.events import (
     END_OF_MESSAGE,
     Data,
+    EndOfMessage,
     Event,
     Framing,
     Headers,
@@ -149,6 +150,15 @@ class RequestParser:
                     raise ProtocolError("request target too long", 414)
                 raise ProtocolError("request header fields too large", 431)
         return events
+
+    def complete_before_error(self) -> list[Event]:
+        """After ``feed`` raised: the whole requests that preceded the bad one in that feed.
+
+        A pipelining client is owed answers to those, in order, before the error response.
+        """
+        events = self._events
+        last = max((i for i, e in enumerate(events) if type(e) is EndOfMessage), default=-1)
+        return events[: last + 1]
 
     def resume(self) -> bytes:
         """Go back to HTTP after an upgrade that did not happen; returns the held bytes.

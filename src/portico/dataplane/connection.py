@@ -77,7 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.tunnel = False
-        self._queue: deque[Event] = deque()
+        self._queue: deque[Event | ProtocolError] = deque()
         self._pumping = False
         self._discard = False
         self._paused = 0
@@ -120,7 +120,17 @@ class ClientConnection(asyncio.Protocol):
         try:
             events = self.parser.feed(data)
         except ProtocolError as exc:
-            self._protocol_error(exc)
+            # Requests completed before the bad one are answered first, then the error.
+            before = self.parser.complete_before_error()
+            ex = self.exchange
+            if not before and not self._queue and (ex is None or not ex.request_done):
+                # The bad bytes belong to the request in progress (or the only one).
+                self._protocol_error(exc)
+                return
+            self._queue.extend(before)
+            self._queue.append(exc)
+            self._pause(PAUSE_PIPELINE)
+            self._pump()
             return
         if events:
             self._queue.extend(events)
@@ -185,6 +195,12 @@ class ClientConnection(asyncio.Protocol):
                     q.popleft()
                     if not self._discard and self.exchange is not None:
                         self.exchange.on_request_data(ev.data)  # type: ignore[union-attr]
+                elif isinstance(ev, ProtocolError):
+                    if self.exchange is not None or self._discard:
+                        break
+                    q.clear()
+                    self._protocol_error(ev)
+                    return
                 else:
                     q.popleft()
                     if self._discard:
