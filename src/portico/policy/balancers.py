@@ -165,15 +165,18 @@ class LeastConnections:
         if n == 0:
             return None
         start = self._next % n
-        self._next = start + 1
         best: Endpoint | None = None
         best_load = 0.0
-        # Scan from a rotating start so ties spread instead of piling onto endpoint 0.
+        best_at = start
+        # Scan from just past the previous winner, so ties take turns evenly (a busy endpoint
+        # among them does not give the one after it a double share).
         for j in range(n):
-            ep = endpoints[(start + j) % n]
+            i = (start + j) % n
+            ep = endpoints[i]
             load = (ep.in_flight + 1) / (ep.weight * ep.ramp)
             if best is None or load < best_load:
-                best, best_load = ep, load
+                best, best_load, best_at = ep, load, i
+        self._next = best_at + 1
         return best
 
 
