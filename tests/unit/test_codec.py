@@ -327,11 +327,24 @@ def test_truncated_response_is_an_error_not_complete(raw: bytes) -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/2.0 200 OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+        b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",  # below 100: not interim
+        b"HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n",  # RFC 9110 15: 100..599 only
     ],
 )
 def test_malformed_responses(raw: bytes) -> None:
     with pytest.raises(BadResponse):
         parse_response(raw)
+
+
+def test_status_range_edges_are_valid() -> None:
+    assert kinds(parse_response(b"HTTP/1.1 599 Edge\r\nContent-Length: 0\r\n\r\n")) == [
+        "ResponseHead",
+        "EndOfMessage",
+    ]
+    p = ResponseParser()
+    p.expect(b"GET")
+    events = p.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert [e.status for e in events if isinstance(e, ResponseHead)] == [100, 200]
 
 
 def test_bytes_after_complete_response_are_garbage_not_a_response() -> None:

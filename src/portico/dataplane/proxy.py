@@ -290,6 +290,7 @@ class Exchange:
 
     def on_response_events(self, events: list[Event]) -> None:
         conn = self.conn
+        source = self.upstream
         for ev in events:
             t = type(ev)
             if t is Data:
@@ -300,6 +301,10 @@ class Exchange:
                     conn.up_timer.set(self.service.body_idle_timeout)  # type: ignore[union-attr]
             elif t is ResponseHead:
                 self._on_head(ev)  # type: ignore[arg-type]
+                if self.upstream is not source:
+                    # Retried elsewhere (a status in retry_on): the body and end of this
+                    # response, parsed from the same read, belong to a discarded answer.
+                    return
             elif t is EndOfMessage:
                 self._complete()
             if self.done:
