@@ -13,8 +13,10 @@ import asyncio
 import contextvars
 import hashlib
 import json
+import random
 import socket
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -249,3 +251,164 @@ def reset(writer: asyncio.StreamWriter) -> None:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+# --- bulk transfers and held responses --------------------------------------------------------
+
+#: Size of one block of the streaming pattern (and of each write ``stream_pattern`` makes).
+PATTERN_BLOCK = 1024 * 1024
+# The bytes every pattern block shares after its 8-byte index: fixed, not compressible, so any
+# corruption, reordering, loss or duplication of a block changes the digest of the stream.
+_PATTERN_TAIL = random.Random(20240611).randbytes(PATTERN_BLOCK - 8)
+
+
+def pattern_block(index: int) -> bytes:
+    """Block ``index`` of the pattern: its index (8 bytes, big-endian), then a fixed tail."""
+    return index.to_bytes(8, "big") + _PATTERN_TAIL
+
+
+@dataclass
+class StreamProgress:
+    """What ``stream_pattern`` has done so far, read by the test thread while it runs.
+
+    Every field is replaced by one assignment on the backend's loop, so a reader in another
+    thread sees a consistent value of each (not a snapshot of all of them together).
+    """
+
+    sent: int = 0  # body bytes handed to the transport
+    waiting_drain: bool = False  # blocked in drain(): the transport's buffer is over its limit
+    drain_waits: int = 0  # how many times a drain() had to wait
+    done: bool = False  # the whole body was written and drained
+    sha256: str = ""  # digest of the body sent, set when done
+
+
+def stream_pattern(total: int, progress: StreamProgress, *, chunked: bool = False) -> Handler:
+    """Answer one request with ``total`` body bytes of the pattern, generated block by block
+    as the peer takes them (never held whole), framed by Content-Length or chunked (one chunk
+    per block). Waits in ``drain()`` after every block, so a peer that stops reading stops the
+    generator; ``progress`` shows where it stands and whether it is blocked."""
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % total
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await read_request(reader) is None:
+            return
+        await _send(writer, b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n")
+        await _send(writer, framing + b"\r\n\r\n")
+        transport = writer.transport
+        high_water = transport.get_write_buffer_limits()[1]
+        digest = hashlib.sha256()
+        index = sent = 0
+        while sent < total:
+            block = pattern_block(index)[: total - sent]
+            index += 1
+            digest.update(block)
+            if chunked:
+                writer.writelines([b"%x\r\n" % len(block), block, b"\r\n"])
+            else:
+                writer.write(block)
+            sent += len(block)
+            progress.sent = sent
+            if transport.get_write_buffer_size() > high_water:
+                progress.drain_waits += 1
+                progress.waiting_drain = True
+            await writer.drain()
+            progress.waiting_drain = False
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        progress.sha256 = digest.hexdigest()
+        progress.done = True
+
+    return handler
+
+
+def respond_when(gate: threading.Event, raw: bytes = OK_RESPONSE, limit: float = 30.0) -> Handler:
+    """Read each request, then hold the response until ``gate`` is set (by the test), at most
+    ``limit`` seconds (then close without answering). A request in flight for as long as the
+    test wants, without guessing durations."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while await read_request(reader) is not None:
+            deadline = loop.time() + limit
+            # Polled rather than awaited in an executor thread, which would outlive stop().
+            while not gate.is_set():
+                if loop.time() >= deadline:
+                    return
+                await asyncio.sleep(0.01)
+            await _send(writer, raw)
+
+    return handler
+
+
+# --- a backend the test steers while it runs --------------------------------------------------
+
+
+@dataclass
+class Switchboard:
+    """The live controls and records of one ``switchable`` backend, shared with the test.
+
+    The test may change ``status`` (the answer to ordinary requests) and ``health`` (the answer
+    to ``health_path``: a status, or a function of the check's 1-based number, e.g. to flap) at
+    any moment; each request reads them as it arrives. A request whose target starts with
+    ``/slow`` is held until ``release`` is set (at most ``hold_limit`` seconds, then the
+    connection is closed unanswered). ``checks`` holds the arrival time (``time.monotonic``) of
+    every health check, ``requests`` every other request, in arrival order. Both are appended
+    to by the backend's thread only; read them through ``served``/``check_count``, which copy.
+    """
+
+    name: str
+    status: int = 200
+    health: int | Callable[[int], int] = 200
+    health_path: str = "/health"
+    release: threading.Event = field(default_factory=threading.Event)
+    hold_limit: float = 30.0
+    checks: list[float] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+
+    def served(self, prefix: str = "/") -> int:
+        """Ordinary requests received whose target starts with ``prefix``."""
+        return sum(1 for r in list(self.requests) if r.target.startswith(prefix))
+
+    def check_count(self) -> int:
+        return len(self.checks)
+
+
+def switchable(board: Switchboard) -> Handler:
+    """A keep-alive HTTP/1.1 backend steered by ``board`` (see ``Switchboard``). Every answer
+    carries ``X-Backend: <name>``; ordinary ones have the name as their body."""
+    from http import HTTPStatus
+
+    def response(status: int, body: bytes, close: bool) -> bytes:
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "X"
+        head = (
+            f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nX-Backend: {board.name}\r\n"
+            + ("Connection: close\r\n" if close else "")
+            + "\r\n"
+        )
+        return head.encode("latin-1") + body
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while (request := await read_request(reader)) is not None:
+            close = not request.keep_alive
+            if request.target == board.health_path:
+                board.checks.append(loop.time())  # the default loop's clock is time.monotonic
+                health = board.health
+                status = health(len(board.checks)) if callable(health) else health
+                await _send(writer, response(status, b"ok" if status < 400 else b"fail", close))
+            else:
+                board.requests.append(request)
+                if request.target.startswith("/slow"):
+                    deadline = loop.time() + board.hold_limit
+                    # Polled rather than awaited in an executor thread, which would outlive stop().
+                    while not board.release.is_set():
+                        if loop.time() >= deadline:
+                            return
+                        await asyncio.sleep(0.01)
+                await _send(writer, response(board.status, board.name.encode(), close))
+            if close:
+                return
+
+    return handler
