@@ -349,6 +349,10 @@ class ClientConnection(asyncio.Protocol):
         ex = self.exchange
         if ex is not None and not ex.request_done and ex.head.framing != "none":
             self._set_timer(T_BODY, self.settings.body_idle_timeout)
+            if self._paused:
+                # Still paused by us: the body clock waits for _resume, as in _pause.
+                self._timer.clear()
+                self._body_paused_at = self.ctx.loop.time()
         elif ex is None:
             self._set_timer(T_IDLE, self.settings.keepalive_timeout)
         else:
