@@ -52,7 +52,9 @@ class Autoscaler:
         self.events = events
         self.scaler = Scaler(
             ScalingRule(
-                min=spec.min,
+                # Zero only through idle_timeout (see _step): a scaler free to recommend zero
+                # stops a cold-started instance while its first request is still held.
+                min=max(1, spec.min),
                 max=spec.max,
                 target=rule.target,
                 metric=rule.metric,
@@ -94,15 +96,18 @@ class Autoscaler:
         interval = self.rule.interval
         metric = self.rule.metric
         in_flight_sum = 0.0
+        held = 0  # requests waiting for a cold start: demand, though at no endpoint yet
         for _ in range(SAMPLES_PER_INTERVAL):
             await asyncio.sleep(interval / SAMPLES_PER_INTERVAL)
-            in_flight_sum += sum(ep.in_flight for ep in self.service_of().endpoints)
+            service = self.service_of()
+            in_flight_sum += sum(ep.in_flight for ep in service.endpoints)
+            held += len(service.waiters)
         ready = self.supervisor.ready
         n = max(1, len(ready))
         requests = self._requests()
         done = max(0, requests - self._last_requests)
         self._last_requests = requests
-        if done or in_flight_sum:
+        if done or in_flight_sum or held:
             self._last_busy = loop.time()
         if metric == "in_flight":
             return in_flight_sum / SAMPLES_PER_INTERVAL / n

@@ -88,8 +88,13 @@ class Scaler:
             return None
         self._last_action = now
         label = METRIC_LABELS.get(rule.metric, rule.metric)
-        relation = ">" if desired > current else "<"
-        reason = f"{label} {observed:.3g} {relation} target {rule.target:g}"
+        if current < rule.min:
+            reason = f"{current} instance(s) is below min {rule.min}"
+        elif current > rule.max:
+            reason = f"{current} instance(s) is above max {rule.max}"
+        else:
+            relation = ">" if desired > current else "<"
+            reason = f"{label} {observed:.3g} {relation} target {rule.target:g}"
         return Decision(current, desired, observed, reason)
 
     def note_action(self, now: float) -> None:
