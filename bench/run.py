@@ -1,12 +1,14 @@
 """Benchmark Portico against nginx as a reverse proxy, both in front of the same nginx backend.
 
     python bench/run.py [--duration 10] [--connections 64] [--threads 1] [--workers 1]
-                        [--warmup 2] [--out docs-snippet.md] [--skip-portico]
+                        [--warmup 2] [--out docs-snippet.md] [--skip-portico] [--health-checks]
 
 Layout on a 2-core machine: each proxy on core 0; wrk and the backend on core 1. For each body
 size (100 B, 1 MiB) wrk hits the backend directly, Portico and the nginx proxy, after a short
-warm-up. Everything listens on 127.0.0.1 on kernel-picked ports and every process started here
-is stopped here, by PID, including on Ctrl-C or an error. See bench/README.md.
+warm-up. With --health-checks, Portico runs from a generated config file with active health
+checks on (`portico serve`), to compare with a plain run. Everything listens on 127.0.0.1 on
+kernel-picked ports and every process started here is stopped here, by PID, including on Ctrl-C
+or an error. See bench/README.md.
 
 Exit status: 0 all goals met (or Portico skipped), 1 a goal failed or a run broke,
 2 a prerequisite is missing, 130 interrupted.
@@ -40,6 +42,9 @@ INSTALL_HINT = "apt-get install -y nginx-light wrk util-linux"
 
 BODY_PATHS = {"small": nginx.SMALL_PATH, "large": nginx.LARGE_PATH}
 EXPECT = {nginx.SMALL_PATH: nginx.SMALL_SIZE, nginx.LARGE_PATH: nginx.LARGE_SIZE}
+# Active checks for --health-checks: the cheap body, at the documented example's pace.
+HEALTH_PATH = nginx.SMALL_PATH
+HEALTH_INTERVAL_S = 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="Portico worker processes")
     p.add_argument("--out", type=Path, help="also write a Markdown snippet here")
     p.add_argument("--skip-portico", action="store_true", help="measure direct and nginx only")
+    p.add_argument(
+        "--health-checks",
+        action="store_true",
+        help=f"run Portico with active health checks (GET {HEALTH_PATH} every "
+        f"{HEALTH_INTERVAL_S}s) from a config file, via `portico serve`",
+    )
     args = p.parse_args(argv)
     if args.duration < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--duration and --threads must be >= 1, --warmup >= 0")
@@ -84,10 +95,30 @@ def portico_command(port: int, backend_port: int, workers: int) -> list[str]:
     ]
 
 
-def portico_cli_problem() -> str | None:
-    """Why `python -m portico proxy --help` does not work, or None if it does."""
+def portico_config(port: int, backend_port: int, workers: int) -> str:
+    """TOML for `portico serve`: the same proxy as `portico_command`, plus active checks."""
+    return f"""\
+[server]
+listen = ["127.0.0.1:{port}"]
+workers = {workers}
+
+[upstreams.bench]
+backends = ["http://127.0.0.1:{backend_port}"]
+
+[upstreams.bench.health]
+path = "{HEALTH_PATH}"
+interval = {HEALTH_INTERVAL_S}
+"""
+
+
+def portico_serve_command(config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "portico", "serve", "-c", str(config_path)]
+
+
+def portico_cli_problem(command: str = "proxy") -> str | None:
+    """Why `python -m portico COMMAND --help` does not work, or None if it does."""
     done = subprocess.run(
-        [sys.executable, "-m", "portico", "proxy", "--help"],
+        [sys.executable, "-m", "portico", command, "--help"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -142,7 +173,17 @@ def measure(
     portico: procs.Service | None = None
     if not args.skip_portico:
         port = procs.free_port()
-        argv = procs.pinned(PROXY_CPU, portico_command(port, backend_port, args.workers))
+        if args.health_checks:
+            config_path = tmp / "portico.toml"
+            config_path.write_text(portico_config(port, backend_port, args.workers))
+            command = portico_serve_command(config_path)
+            progress(
+                f"portico: active health checks on, GET {HEALTH_PATH} every "
+                f"{HEALTH_INTERVAL_S}s ({config_path.name})"
+            )
+        else:
+            command = portico_command(port, backend_port, args.workers)
+        argv = procs.pinned(PROXY_CPU, command)
         portico = up(procs.start("portico", argv, tmp / "portico.log"), port)
         targets[report.PORTICO] = port
 
@@ -195,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print("missing prerequisites: " + "; ".join(problems), file=sys.stderr)
         print(f"install with: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    if not args.skip_portico and (problem := portico_cli_problem()):
+    command = "serve" if args.health_checks else "proxy"
+    if not args.skip_portico and (problem := portico_cli_problem(command)):
         print(f"Portico CLI unavailable:\n{problem}", file=sys.stderr)
         print("rerun with --skip-portico to measure direct and nginx only", file=sys.stderr)
         return 2
