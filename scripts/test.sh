@@ -4,6 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# The container tests (tests/integration/test_docker.py) start a private dockerd and import a
+# busybox image. As root with apt-get, install what is missing, once; if that fails the tests
+# are reported as skipped, with the reason, and the rest of the suite runs.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if ! command -v dockerd >/dev/null 2>&1 \
+     || ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed"; then
+    echo "installing docker.io and busybox-static for the container tests" >&2
+    { apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io busybox-static \
+        >/dev/null; } \
+      || echo "could not install docker.io busybox-static: container tests will skip" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

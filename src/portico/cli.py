@@ -299,7 +299,12 @@ def summarize(config: Config, source: str) -> list[str]:
         if upstream.app is not None:
             app = upstream.app
             what = app.wsgi or app.asgi or " ".join(app.command or [])
+            if app.docker is not None:
+                what = f"docker {app.docker.image}"
             backends = f"app {what!r}, {app.min}..{app.max} instances"
+        if upstream.discover is not None:
+            selector = ", ".join(f"{k}={v}" for k, v in upstream.discover.selector().items())
+            backends = f"containers with {selector}"
         lines.append(f"  {name} ({upstream.balancer}): {backends or 'no backends'}")
     lines.append("routes:")
     if config.routes:

@@ -167,7 +167,7 @@ async def run_dataplane(
     else:
         follow_state(state_pipe, loop, lambda: ctx.snapshot)
     orchestrator: Orchestrator | None = None
-    if any(up.app is not None for up in config.upstreams.values()):
+    if any(up.app is not None or up.discover is not None for up in config.upstreams.values()):
         orchestrator = Orchestrator(config, lambda: ctx.snapshot)
         orchestrator.start()
         loop.add_signal_handler(signal.SIGUSR1, orchestrator.rolling_restart)

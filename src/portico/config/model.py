@@ -334,12 +334,62 @@ class Autoscale(Strict):
     )
 
 
+class DockerRun(Strict):
+    """Instances as containers of an image, run by the Docker provider (``pip install
+    portico[docker]``). With host networking (the default) a container listens on the port
+    Portico gives it; on any other network it listens on ``port``, which Portico publishes on
+    127.0.0.1 at a free port."""
+
+    image: str = Field(min_length=1, description="image to run, e.g. 'myapp:1.4'")
+    command: list[str] | None = Field(
+        None, description="argv; {port} is replaced; unset = the image's own command"
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="added to app.env")
+    port: int | None = Field(
+        None, ge=1, le=65535, description="port the app listens on inside the container"
+    )
+    network_mode: str = Field(
+        "host", min_length=1, description="'host', 'bridge' or a network name"
+    )
+    cpus: float | None = Field(None, gt=0, description="CPU limit, in cores (e.g. 0.5)")
+    memory: Size | None = Field(None, description="memory limit, e.g. '256MiB'")
+    keep: bool = Field(
+        False, description="leave the containers running when Portico stops (adopted next time)"
+    )
+    docker_host: str | None = Field(
+        None, description="Docker Engine URL, e.g. unix:///run/docker.sock; unset = $DOCKER_HOST"
+    )
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            import shlex
+
+            return shlex.split(v)
+        return v
+
+    @model_validator(mode="after")
+    def _port_off_host(self) -> DockerRun:
+        if self.network_mode != "host" and self.port is None:
+            raise ValueError(f"network_mode {self.network_mode!r} needs the container's port")
+        if self.network_mode == "host" and self.port is not None:
+            # On the host's network every instance needs a port of its own: Portico's {port}.
+            raise ValueError("port is for other network modes; with host networking use {port}")
+        return self
+
+    @property
+    def host_network(self) -> bool:
+        return self.network_mode == "host"
+
+
 class App(Strict):
     """Instances Portico runs itself. Each gets a free loopback port as {port} and $PORT."""
 
     command: list[str] | None = Field(None, description="argv; {port} is replaced")
     wsgi: str | None = Field(None, description="module:app served by gunicorn")
     asgi: str | None = Field(None, description="module:app served by uvicorn")
+    docker: DockerRun | None = Field(None, description="containers of an image instead")
     cwd: str | None = Field(None, description="working directory of the instances")
     env: dict[str, str] = Field(default_factory=dict)
     min: int = Field(1, ge=0, le=256)
@@ -374,12 +424,19 @@ class App(Strict):
 
     @model_validator(mode="after")
     def _one_way_to_run(self) -> App:
-        given = [k for k in ("command", "wsgi", "asgi") if getattr(self, k)]
+        given = [k for k in ("command", "wsgi", "asgi", "docker") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError("give exactly one of command, wsgi or asgi")
+            raise ValueError("give exactly one of command, wsgi, asgi or docker")
+        if self.docker is not None and self.cwd is not None:
+            raise ValueError("cwd does not apply to docker (the image sets its own)")
         if self.min > self.max:
             raise ValueError(f"min ({self.min}) is more than max ({self.max})")
         return self
+
+    @property
+    def keeps_instances(self) -> bool:
+        """Instances outlive Portico's shutdown (a later Portico adopts them)."""
+        return self.docker is not None and self.docker.keep
 
     def argv(self, port: int) -> list[str]:
         """The command line of one instance listening on ``port``."""
@@ -403,9 +460,69 @@ class App(Strict):
         return [part.replace("{port}", str(port)) for part in self.command]
 
 
+class Discover(Strict):
+    """Endpoints found in Docker: the running containers that carry every given label,
+    followed live from the engine's events."""
+
+    compose_project: str | None = Field(
+        None, description="label com.docker.compose.project, e.g. the compose directory name"
+    )
+    compose_service: str | None = Field(
+        None, description="label com.docker.compose.service, the service name in compose.yaml"
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="more labels every container must carry"
+    )
+    port: int | None = Field(
+        None, ge=1, le=65535, description="the app's port in the containers"
+    )
+    network: str | None = Field(
+        None, description="network whose container IP to use; unset = the only (or first) one"
+    )
+    docker_host: str | None = Field(
+        None, description="Docker Engine URL, e.g. unix:///run/docker.sock; unset = $DOCKER_HOST"
+    )
+    ready_path: str | None = Field(
+        "/", description="GET this until 200-399 before a container gets traffic; '' = no probe"
+    )
+    ready_timeout: PositiveSeconds = Field(
+        30.0, description="a container not ready by then is left out until its next start"
+    )
+    drain_timeout: NonNegSeconds = Field(
+        30.0, description="a stopping container's in-flight requests get this long"
+    )
+
+    @field_validator("ready_path")
+    @classmethod
+    def _origin_form(cls, v: str | None) -> str | None:
+        if not v:
+            return None  # TOML has no null: an empty path is how a file turns the probe off
+        if not v.startswith("/") or any(c in v for c in " \r\n"):
+            raise ValueError("must be a path starting with '/' without spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _some_selector(self) -> Discover:
+        if not (self.compose_project or self.compose_service or self.labels):
+            raise ValueError("give compose_project, compose_service or labels to select by")
+        return self
+
+    def selector(self) -> dict[str, str]:
+        """Every label a container must carry (the compose ones included)."""
+        wanted = dict(self.labels)
+        if self.compose_project:
+            wanted["com.docker.compose.project"] = self.compose_project
+        if self.compose_service:
+            wanted["com.docker.compose.service"] = self.compose_service
+        return wanted
+
+
 class Upstream(Strict):
     backends: list[Backend] = Field(default_factory=list)
     app: App | None = Field(None, description="instances Portico runs, instead of backends")
+    discover: Discover | None = Field(
+        None, description="endpoints found in Docker by labels, instead of backends"
+    )
     balancer: str = "round_robin"
     hash_key: str = Field(
         "client_ip",
@@ -429,8 +546,9 @@ class Upstream(Strict):
 
     @model_validator(mode="after")
     def _backends_or_app(self) -> Upstream:
-        if self.app is not None and self.backends:
-            raise ValueError("give backends or app, not both")
+        given = [k for k in ("backends", "app", "discover") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one of backends, app or discover, not {' and '.join(given)}")
         return self
 
     @field_validator("hash_key")
@@ -499,6 +617,11 @@ class Config(Strict):
                 if up.app is not None:
                     problems.append(
                         f"upstreams.{name}.app: apps run with server.workers = 1 for now"
+                    )
+                if up.discover is not None:
+                    problems.append(
+                        f"upstreams.{name}.discover: discovery runs with server.workers = 1"
+                        " for now"
                     )
         if problems:
             raise ValueError("\n".join(problems))

@@ -12,7 +12,11 @@ count (starting or ready) and starts or drains one instance per step:
   slow to ``backoff_max`` instead of hammering;
 * drain: an instance leaving (scale-down, rolling restart, shutdown) is marked draining (no
   new requests), gets up to ``drain_timeout`` for in-flight requests to finish, and is then
-  stopped: SIGTERM, and SIGKILL after ``stop_timeout``.
+  stopped: SIGTERM, and SIGKILL after ``stop_timeout``;
+* adopt: once, before the loop, a provider whose instances outlive Portico (containers) is
+  asked for the ones an earlier Portico left running; they go through the readiness gate
+  like new ones, and numbering continues after them. On shutdown, an app that keeps its
+  instances (``docker.keep``) leaves them running for the next Portico to adopt.
 
 The data plane sees none of this: it reads ``Service.endpoints`` and ``Endpoint.draining``.
 """
@@ -28,7 +32,7 @@ from collections.abc import Callable
 
 from portico.config.model import App, HealthCheck
 from portico.control.prober import check_once
-from portico.control.providers.base import Instance, Provider
+from portico.control.providers.base import Adopting, Instance, Provider
 from portico.policy.health import parse_statuses
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.events import EventLog
@@ -147,12 +151,17 @@ class Supervisor:
         self.events.add(self.name, "restart", "rolling restart done")
 
     async def stop(self) -> None:
-        """Drain and stop every instance (Portico is shutting down)."""
+        """Drain and stop every instance (Portico is shutting down), or, for an app that
+        keeps its instances, only take them out of the endpoints."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.spec.keeps_instances:
+            for managed in list(self.instances):
+                if managed.state in (State.STARTING, State.READY):
+                    self._leave_running(managed)
         await asyncio.gather(
             *(self._drain_and_stop(m, "shutdown") for m in list(self.instances)),
             return_exceptions=True,
@@ -163,6 +172,8 @@ class Supervisor:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        if isinstance(self.provider, Adopting):
+            await self._adopt(self.provider, loop.time())
         while not self._stopping:
             self._reap(loop.time())
             counted = self.counted
@@ -184,6 +195,37 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
+    async def _adopt(self, provider: Adopting, now: float) -> None:
+        try:
+            found = await provider.existing(self.name, self.spec)
+        except OSError as exc:
+            message = f"{self.name}: could not look for instances to adopt: {exc}"
+            self.events.add(self.name, "crash", message)
+            log.error(message)
+            return
+        if not found:
+            return
+        loop = asyncio.get_running_loop()
+        for instance in found:
+            managed = Managed(instance, now)
+            self.instances.append(managed)
+            managed.task = loop.create_task(self._readiness(managed))
+            self.events.add(self.name, "adopt", f"{instance.id} adopted on port {instance.port}")
+        # New ids continue after the adopted ones, so none is ever given twice.
+        numbers = [int(n) for i in found if (n := i.id.rpartition("-")[2]).isdigit()]
+        self._ids = itertools.count(max(numbers, default=0) + 1)
+        # The fleet an earlier Portico (or its autoscaler) chose is kept, within bounds.
+        self.desired = max(self.spec.min, min(self.spec.max, max(self.desired, len(found))))
+        log.info("%s: adopted %d running instance(s)", self.name, len(found))
+
+    def _leave_running(self, managed: Managed) -> None:
+        if managed.task is not None:
+            managed.task.cancel()
+        self._remove_endpoint(managed)
+        self.instances.remove(managed)
+        self.events.add(self.name, "stop", f"{managed.instance.id} left running (keep)")
+        log.info("%s left running for the next Portico to adopt (keep)", managed.instance.id)
+
     def _victim(self, counted: list[Managed]) -> Managed:
         # A starting instance has no traffic yet: cheapest to drop. Otherwise the newest.
         starting = [m for m in counted if m.state is State.STARTING]
@@ -197,6 +239,13 @@ class Supervisor:
                 continue
             code = managed.instance.exit_code()
             self._record_crash(managed, now, f"exited with {code} while {managed.state.value}")
+            # The leader is gone but what it started may not be (gunicorn workers, a shell's
+            # child): they would keep running, and serving, outside Portico's view.
+            task = asyncio.get_running_loop().create_task(
+                self.provider.stop(managed.instance, self.spec.stop_timeout)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _record_crash(self, managed: Managed, now: float, what: str) -> None:
         if managed in self.instances:

@@ -56,6 +56,8 @@ class Service:
     active_retries: int = 0  # per worker; read by the retry budget
     # Apps (instances Portico runs): endpoints come and go with the supervisor.
     has_app: bool = False
+    # Discovered upstreams: endpoints come and go with the Docker watcher.
+    discovered: bool = False
     cold_start_timeout: float = 30.0
     demand: Callable[[], None] | None = None  # asks the supervisor for an instance (min = 0)
     waiters: list[Callable[[], None]] = field(default_factory=list)  # requests held for one
@@ -136,8 +138,11 @@ def _compile_service(
     previous_service: Service | None,
 ) -> Service:
     endpoints: list[Endpoint] = []
-    if up.app is not None and previous_service is not None and previous_service.has_app:
-        endpoints = previous_service.endpoints  # the supervisor's, not the config's
+    if previous_service is not None and (
+        (up.app is not None and previous_service.has_app)
+        or (up.discover is not None and previous_service.discovered)
+    ):
+        endpoints = previous_service.endpoints  # the control plane's, not the config's
     for backend in up.backends:
         host, port = backend.address
         ep = previous.get((host, port))
@@ -196,6 +201,7 @@ def _compile_service(
         measures_latency=isinstance(balancer, LeastLatency),
         keyed=isinstance(balancer, ConsistentHash),
         has_app=up.app is not None,
+        discovered=up.discover is not None,
         cold_start_timeout=up.app.cold_start_timeout if up.app else 30.0,
         demand=previous_service.demand if previous_service and up.app else None,
         latencies=(

@@ -1,9 +1,10 @@
 """Local processes as instances: any command that serves HTTP on the port it is given.
 
 Each instance runs in its own process group (so a stop reaches gunicorn's workers too) and
-asks the kernel to SIGKILL it if Portico dies (PR_SET_PDEATHSIG), so none is left behind even
-when Portico itself is killed with SIGKILL. Its output is logged line by line with the
-instance id as prefix.
+asks the kernel to SIGKILL it if Portico dies (PR_SET_PDEATHSIG). That signal reaches the
+direct child only, so a small guard runs beside each instance and kills its whole group when
+Portico dies: none is left behind even when Portico itself is killed with SIGKILL. Its output
+is logged line by line with the instance id as prefix.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ log = logging.getLogger("portico.app")
 
 PR_SET_PDEATHSIG = 1
 
+# The guard: its stdin is a pipe whose only writer is Portico, so `read` returns when Portico
+# exits, however it exits, and the instance's process group ($1) is killed. Without it,
+# gunicorn's workers outlive their killed master by up to their timeout (15 s by default).
+GUARD = 'read _; kill -s KILL -- "-$1" 2>/dev/null'
+
 
 def free_port() -> int:
     """A free loopback port. A small race remains (another process may take it first);
@@ -40,7 +46,7 @@ def _die_with_portico() -> None:  # pragma: no cover - runs in the child before 
 
 
 class LocalInstance:
-    __slots__ = ("_proc", "_ps", "_reader", "host", "id", "port")
+    __slots__ = ("_guard", "_proc", "_ps", "_reader", "host", "id", "port")
 
     def __init__(self, instance_id: str, port: int, proc: asyncio.subprocess.Process) -> None:
         self.id = instance_id
@@ -49,6 +55,7 @@ class LocalInstance:
         self._proc = proc
         self._ps: psutil.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._guard: asyncio.subprocess.Process | None = None
 
     def __repr__(self) -> str:
         return f"<LocalInstance {self.id} pid={self.pid} port={self.port}>"
@@ -104,6 +111,13 @@ class LocalProvider:
         )
         instance = LocalInstance(instance_id, port, proc)
         instance._reader = asyncio.get_running_loop().create_task(self._pump(instance, proc))
+        instance._guard = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", GUARD, "portico-guard", str(proc.pid),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # not in Portico's group: a kill of that group reaches it not
+        )  # fmt: skip
         self._instances.add(instance)
         return instance
 
@@ -130,6 +144,13 @@ class LocalProvider:
         if instance._reader is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(instance._reader, 1.0)
+        guard = instance._guard
+        if guard is not None:
+            with contextlib.suppress(ProcessLookupError):
+                guard.kill()  # before its stdin closes: the group id is free for reuse now
+            await guard.wait()
+            if guard.stdin is not None:
+                guard.stdin.close()
         self._instances.discard(instance)
 
     def close(self) -> None:
@@ -137,4 +158,7 @@ class LocalProvider:
         for instance in list(self._instances):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(instance.pid, signal.SIGKILL)
+            if instance._guard is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    instance._guard.kill()
         self._instances.clear()
