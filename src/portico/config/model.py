@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 from decimal import Decimal
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -26,6 +27,14 @@ from pydantic import (
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _split_argv(value: object) -> object:
+    """A command may be written as one string; split it as a shell would (no expansion)."""
+    return shlex.split(value) if isinstance(value, str) else value
+
+
+Argv = Annotated[list[str], BeforeValidator(_split_argv)]
 NonNegSeconds = Annotated[float, Field(ge=0)]
 
 
@@ -341,7 +350,7 @@ class DockerRun(Strict):
     127.0.0.1 at a free port."""
 
     image: str = Field(min_length=1, description="image to run, e.g. 'myapp:1.4'")
-    command: list[str] | None = Field(
+    command: Argv | None = Field(
         None, description="argv; {port} is replaced; unset = the image's own command"
     )
     env: dict[str, str] = Field(default_factory=dict, description="added to app.env")
@@ -360,15 +369,6 @@ class DockerRun(Strict):
         None, description="Docker Engine URL, e.g. unix:///run/docker.sock; unset = $DOCKER_HOST"
     )
 
-    @field_validator("command", mode="before")
-    @classmethod
-    def _split(cls, v: object) -> object:
-        if isinstance(v, str):
-            import shlex
-
-            return shlex.split(v)
-        return v
-
     @model_validator(mode="after")
     def _port_off_host(self) -> DockerRun:
         if self.network_mode != "host" and self.port is None:
@@ -386,7 +386,7 @@ class DockerRun(Strict):
 class App(Strict):
     """Instances Portico runs itself. Each gets a free loopback port as {port} and $PORT."""
 
-    command: list[str] | None = Field(None, description="argv; {port} is replaced")
+    command: Argv | None = Field(None, description="argv; {port} is replaced")
     wsgi: str | None = Field(None, description="module:app served by gunicorn")
     asgi: str | None = Field(None, description="module:app served by uvicorn")
     docker: DockerRun | None = Field(None, description="containers of an image instead")
@@ -412,15 +412,6 @@ class App(Strict):
         30.0, description="with min = 0: how long the first request waits for an instance"
     )
     autoscale: Autoscale | None = Field(None, description="unset = a fixed count of min")
-
-    @field_validator("command", mode="before")
-    @classmethod
-    def _split(cls, v: object) -> object:
-        if isinstance(v, str):
-            import shlex
-
-            return shlex.split(v)
-        return v
 
     @model_validator(mode="after")
     def _one_way_to_run(self) -> App:
@@ -473,9 +464,7 @@ class Discover(Strict):
     labels: dict[str, str] = Field(
         default_factory=dict, description="more labels every container must carry"
     )
-    port: int | None = Field(
-        None, ge=1, le=65535, description="the app's port in the containers"
-    )
+    port: int | None = Field(None, ge=1, le=65535, description="the app's port in the containers")
     network: str | None = Field(
         None, description="network whose container IP to use; unset = the only (or first) one"
     )
@@ -620,8 +609,7 @@ class Config(Strict):
                     )
                 if up.discover is not None:
                     problems.append(
-                        f"upstreams.{name}.discover: discovery runs with server.workers = 1"
-                        " for now"
+                        f"upstreams.{name}.discover: discovery runs with server.workers = 1 for now"
                     )
         if problems:
             raise ValueError("\n".join(problems))
