@@ -17,7 +17,8 @@ from portico.config.load import (
     load_text,
     validate,
 )
-from portico.config.model import Config, parse_hostport
+from portico.config.model import Config
+from portico.config.types import parse_hostport
 from portico.errors import ConfigError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"

@@ -2,123 +2,32 @@
 
 Every model forbids unknown keys so a typo is an error with its key path, never a silent
 default. Durations are seconds (float); sizes accept integers or strings such as ``"10MiB"``.
+Value types live in ``config.types``; apps, autoscaling and discovery in ``config.apps``.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-import shlex
-from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ByteSize,
-    ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+from portico.config.apps import App, Autoscale, Discover, DockerRun
+from portico.config.types import (
+    _TOKEN,
+    ListenAddress,
+    Network,
+    NonNegSeconds,
+    PositiveSeconds,
+    Size,
+    Strict,
+)
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
-
-
-def _split_argv(value: object) -> object:
-    """A command may be written as one string; split it as a shell would (no expansion)."""
-    return shlex.split(value) if isinstance(value, str) else value
-
-
-Argv = Annotated[list[str], BeforeValidator(_split_argv)]
-NonNegSeconds = Annotated[float, Field(ge=0)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
-    """Split ``host:port`` (``[v6]:port`` too). Raises ValueError with a readable reason."""
-    text = value.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep:
-            raise ValueError(f"{value!r} is not host:port")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            host, port_text = text, ""
-    if not port_text:
-        if default_port is None:
-            raise ValueError(f"{value!r} has no port (expected host:port)")
-        return host or "127.0.0.1", default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{value!r}: port must be a number from 0 to 65535")
-    return host or "0.0.0.0", int(port_text)
-
-
-# Byte units a size string may use, matched case-insensitively. Deliberately narrower than
-# pydantic's ByteSize, which also takes bit units ("8kbit" is 1000 bytes) and one-letter units,
-# and ignores trailing text ("10MiB oops" parses as 10MiB): for a limit, a misread unit is a
-# silent misconfiguration, so anything else is refused with a reason.
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-
-
-def _parse_size(value: object) -> object:
-    """Bytes from an integer or a string such as ``"10MiB"`` / ``"1.5 GB"`` (rounded down)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"must be at least 0, got {value}")
-        return value
-    if not isinstance(value, str):
-        raise ValueError('expected a whole number of bytes or a string such as "10MiB"')
-    m = _SIZE.match(value)
-    if m is None:
-        raise ValueError(f'{value!r} is not a size (expected a string such as "10MiB")')
-    number, unit = m.groups()
-    factor = _SIZE_UNITS.get(unit.lower() or "b")
-    if factor is None:
-        raise ValueError(
-            f"{value!r}: unknown unit {unit!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-        )
-    return int(Decimal(number) * factor)
-
-
-def _check_listen_address(value: str) -> str:
-    parse_hostport(value)
-    return value
-
-
-def _check_network(value: str) -> str:
-    try:
-        ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP network") from None
-    return value
-
-
-# Items are checked one by one (not in a list validator) so an error names its index:
-# ``server.listen[1]: ...`` rather than the whole list.
-ListenAddress = Annotated[str, AfterValidator(_check_listen_address)]
-Network = Annotated[str, AfterValidator(_check_network)]
-Size = Annotated[ByteSize, BeforeValidator(_parse_size)]
+__all__ = ["App", "Autoscale", "Discover", "DockerRun"]
 
 
 class Limits(Strict):
@@ -320,190 +229,6 @@ class Sticky(Strict):
         None,
         description="signing key; unset = random per start (cookies then do not survive restarts)",
     )
-
-
-class Autoscale(Strict):
-    """Target tracking, as Kubernetes' HPA and Knative do it."""
-
-    metric: Literal["in_flight", "rps", "p95_latency", "cpu"] = Field(
-        "in_flight", description="signal per instance: in-flight requests, req/s, p95 s, CPU %"
-    )
-    target: float = Field(4.0, gt=0, description="desired value of the metric per instance")
-    interval: PositiveSeconds = Field(1.0, description="seconds between samples and decisions")
-    scale_up_window: NonNegSeconds = Field(
-        0.0, description="stabilisation: scale up to the lowest recommendation of this window"
-    )
-    scale_down_window: NonNegSeconds = Field(
-        30.0, description="stabilisation: scale down to the highest recommendation of this window"
-    )
-    max_step: int = Field(4, ge=1, description="most instances added or removed in one decision")
-    cooldown: NonNegSeconds = Field(5.0, description="least time between two scaling actions")
-    idle_timeout: PositiveSeconds = Field(
-        300.0, description="with min = 0: scale to zero after this long without requests"
-    )
-
-
-class DockerRun(Strict):
-    """Instances as containers of an image, run by the Docker provider (``pip install
-    portico[docker]``). With host networking (the default) a container listens on the port
-    Portico gives it; on any other network it listens on ``port``, which Portico publishes on
-    127.0.0.1 at a free port."""
-
-    image: str = Field(min_length=1, description="image to run, e.g. 'myapp:1.4'")
-    command: Argv | None = Field(
-        None, description="argv; {port} is replaced; unset = the image's own command"
-    )
-    env: dict[str, str] = Field(default_factory=dict, description="added to app.env")
-    port: int | None = Field(
-        None, ge=1, le=65535, description="port the app listens on inside the container"
-    )
-    network_mode: str = Field(
-        "host", min_length=1, description="'host', 'bridge' or a network name"
-    )
-    cpus: float | None = Field(None, gt=0, description="CPU limit, in cores (e.g. 0.5)")
-    memory: Size | None = Field(None, description="memory limit, e.g. '256MiB'")
-    keep: bool = Field(
-        False, description="leave the containers running when Portico stops (adopted next time)"
-    )
-    docker_host: str | None = Field(
-        None, description="Docker Engine URL, e.g. unix:///run/docker.sock; unset = $DOCKER_HOST"
-    )
-
-    @model_validator(mode="after")
-    def _port_off_host(self) -> DockerRun:
-        if self.network_mode != "host" and self.port is None:
-            raise ValueError(f"network_mode {self.network_mode!r} needs the container's port")
-        if self.network_mode == "host" and self.port is not None:
-            # On the host's network every instance needs a port of its own: Portico's {port}.
-            raise ValueError("port is for other network modes; with host networking use {port}")
-        return self
-
-    @property
-    def host_network(self) -> bool:
-        return self.network_mode == "host"
-
-
-class App(Strict):
-    """Instances Portico runs itself. Each gets a free loopback port as {port} and $PORT."""
-
-    command: Argv | None = Field(None, description="argv; {port} is replaced")
-    wsgi: str | None = Field(None, description="module:app served by gunicorn")
-    asgi: str | None = Field(None, description="module:app served by uvicorn")
-    docker: DockerRun | None = Field(None, description="containers of an image instead")
-    cwd: str | None = Field(None, description="working directory of the instances")
-    env: dict[str, str] = Field(default_factory=dict)
-    min: int = Field(1, ge=0, le=256)
-    max: int = Field(4, ge=1, le=256)
-    ready_path: str = Field("/", description="GET this; 200-399 means ready for traffic")
-    ready_timeout: PositiveSeconds = Field(
-        30.0, description="an instance not ready by then is failed"
-    )
-    ready_interval: PositiveSeconds = Field(0.1, description="time between readiness probes")
-    drain_timeout: NonNegSeconds = Field(
-        30.0, description="in-flight requests get this long before an instance is stopped"
-    )
-    stop_timeout: PositiveSeconds = Field(10.0, description="SIGTERM to SIGKILL")
-    backoff_initial: PositiveSeconds = Field(0.5, description="first delay before a restart")
-    backoff_max: PositiveSeconds = Field(30.0, description="longest delay between restarts")
-    crash_loop_after: int = Field(
-        5, ge=1, description="crashes in a row (each before ready or quick) that mean crash loop"
-    )
-    cold_start_timeout: PositiveSeconds = Field(
-        30.0, description="with min = 0: how long the first request waits for an instance"
-    )
-    autoscale: Autoscale | None = Field(None, description="unset = a fixed count of min")
-
-    @model_validator(mode="after")
-    def _one_way_to_run(self) -> App:
-        given = [k for k in ("command", "wsgi", "asgi", "docker") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError("give exactly one of command, wsgi, asgi or docker")
-        if self.docker is not None and self.cwd is not None:
-            raise ValueError("cwd does not apply to docker (the image sets its own)")
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
-        return self
-
-    @property
-    def keeps_instances(self) -> bool:
-        """Instances outlive Portico's shutdown (a later Portico adopts them)."""
-        return self.docker is not None and self.docker.keep
-
-    def argv(self, port: int) -> list[str]:
-        """The command line of one instance listening on ``port``."""
-        import sys
-
-        if self.wsgi:
-            return [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", self.wsgi]
-        if self.asgi:
-            module = self.asgi
-            return [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                module,
-            ]
-        assert self.command is not None
-        return [part.replace("{port}", str(port)) for part in self.command]
-
-
-class Discover(Strict):
-    """Endpoints found in Docker: the running containers that carry every given label,
-    followed live from the engine's events."""
-
-    compose_project: str | None = Field(
-        None, description="label com.docker.compose.project, e.g. the compose directory name"
-    )
-    compose_service: str | None = Field(
-        None, description="label com.docker.compose.service, the service name in compose.yaml"
-    )
-    labels: dict[str, str] = Field(
-        default_factory=dict, description="more labels every container must carry"
-    )
-    port: int | None = Field(None, ge=1, le=65535, description="the app's port in the containers")
-    network: str | None = Field(
-        None, description="network whose container IP to use; unset = the only (or first) one"
-    )
-    docker_host: str | None = Field(
-        None, description="Docker Engine URL, e.g. unix:///run/docker.sock; unset = $DOCKER_HOST"
-    )
-    ready_path: str | None = Field(
-        "/", description="GET this until 200-399 before a container gets traffic; '' = no probe"
-    )
-    ready_timeout: PositiveSeconds = Field(
-        30.0, description="a container not ready by then is left out until its next start"
-    )
-    drain_timeout: NonNegSeconds = Field(
-        30.0, description="a stopping container's in-flight requests get this long"
-    )
-
-    @field_validator("ready_path")
-    @classmethod
-    def _origin_form(cls, v: str | None) -> str | None:
-        if not v:
-            return None  # TOML has no null: an empty path is how a file turns the probe off
-        if not v.startswith("/") or any(c in v for c in " \r\n"):
-            raise ValueError("must be a path starting with '/' without spaces")
-        return v
-
-    @model_validator(mode="after")
-    def _some_selector(self) -> Discover:
-        if not (self.compose_project or self.compose_service or self.labels):
-            raise ValueError("give compose_project, compose_service or labels to select by")
-        return self
-
-    def selector(self) -> dict[str, str]:
-        """Every label a container must carry (the compose ones included)."""
-        wanted = dict(self.labels)
-        if self.compose_project:
-            wanted["com.docker.compose.project"] = self.compose_project
-        if self.compose_service:
-            wanted["com.docker.compose.service"] = self.compose_service
-        return wanted
 
 
 class Upstream(Strict):

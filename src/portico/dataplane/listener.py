@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from portico.config.model import parse_hostport
+from portico.config.types import parse_hostport
 
 
 def bind_socket(address: str, *, reuse_port: bool, backlog: int) -> socket.socket:
