@@ -48,6 +48,7 @@ class ClientConnection(asyncio.Protocol):
         "_body_paused_total",
         "_body_started",
         "_closed",
+        "_corked",
         "_discard",
         "_paused",
         "_pumping",
@@ -83,6 +84,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         self._write_paused = False
         self._closed = False
+        self._corked: list[bytes] | None = None
         self._timer = Deadline(ctx.loop, self._on_timeout)
         self._timer_kind = T_NONE
         self.up_timer = Deadline(ctx.loop, self._on_upstream_timeout)
@@ -263,12 +265,31 @@ class ClientConnection(asyncio.Protocol):
     # --- writing ----------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        corked = self._corked
+        if corked is not None:
+            corked.append(data)
+            return
         transport = self.transport
         if transport is not None and not self._closed:
             transport.write(data)
 
+    def cork(self) -> None:
+        """Collect writes until ``uncork``: a response head and a small body parsed from one
+        upstream read then leave in one send() instead of two."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        corked = self._corked
+        if corked is None:
+            return
+        self._corked = None
+        if corked:
+            self.write(corked[0] if len(corked) == 1 else b"".join(corked))
+
     def close(self) -> None:
         """Close after what was written is flushed."""
+        self.uncork()
         if not self._closed:
             self._closed = True
             self._timer.cancel()
@@ -278,6 +299,7 @@ class ClientConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Reset: used when a response already started cannot be completed honestly."""
+        self._corked = None
         if self.transport is not None:
             self.transport.abort()
         self._closed = True

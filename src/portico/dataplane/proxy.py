@@ -290,6 +290,14 @@ class Exchange:
 
     def on_response_events(self, events: list[Event]) -> None:
         conn = self.conn
+        conn.cork()
+        try:
+            self._relay(events)
+        finally:
+            conn.uncork()
+
+    def _relay(self, events: list[Event]) -> None:
+        conn = self.conn
         source = self.upstream
         for ev in events:
             t = type(ev)
