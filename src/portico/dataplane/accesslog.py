@@ -13,6 +13,8 @@ import sys
 import time
 from typing import BinaryIO
 
+from portico.codec.events import RequestHead
+
 # Big enough to batch a second of traffic at moderate rates, small enough to lose little
 # if the process is killed.
 BUFFER_BYTES = 65536
@@ -72,6 +74,36 @@ class AccessLog:
                 ua = user_agent.decode("latin-1") if user_agent else "-"
                 line += f' "{ref}" "{ua}"'
         self._out.write(line.encode("utf-8", "replace") + b"\n")
+
+    def log_request(
+        self,
+        client: str,
+        head: RequestHead,
+        status: int,
+        sent: int,
+        duration: float,
+        upstream: str | None,
+    ) -> None:
+        """One line for a proxied request; Referer and User-Agent come from its head."""
+        referer = user_agent = None
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname == b"referer":
+                referer = value
+            elif lname == b"user-agent":
+                user_agent = value
+        self.log(
+            client,
+            head.method,
+            head.target,
+            head.version,
+            status,
+            sent,
+            referer,
+            user_agent,
+            duration,
+            upstream,
+        )
 
     def flush(self) -> None:
         with contextlib.suppress(OSError, ValueError):

@@ -161,3 +161,20 @@ def response_head(
             out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
     return b"".join(out)
+
+
+def split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """``http://host:port/path?q`` -> (``/path?q``, ``host:port``); None if not absolute-form."""
+    scheme_end = target.find(b"://")
+    if scheme_end <= 0 or target[:scheme_end].lower() not in (b"http", b"https"):
+        return None
+    rest = target[scheme_end + 3 :]
+    slash = rest.find(b"/")
+    query = rest.find(b"?")
+    cut = min(i for i in (slash, query, len(rest)) if i != -1)
+    authority, path = rest[:cut], rest[cut:]
+    if b"@" in authority or not authority:
+        return None
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path, authority

@@ -35,6 +35,7 @@ from portico.errors import (
     NoHealthyEndpoint,
     NoRoute,
     PorticoError,
+    ProtocolError,
     ResponseTimeout,
     UpstreamError,
 )
@@ -42,7 +43,6 @@ from portico.policy.balancers import record_latency
 from portico.policy.retry import Failure, classify, is_idempotent
 
 if TYPE_CHECKING:
-    from portico.dataplane.accesslog import AccessLog
     from portico.dataplane.connection import ClientConnection
     from portico.runtime.endpoint import Endpoint
     from portico.runtime.snapshot import Service
@@ -52,23 +52,6 @@ if TYPE_CHECKING:
 CONNECT_BUFFER_LIMIT = 65536
 
 U_NONE, U_HEADER, U_BODY, U_COLD = range(4)
-
-
-def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
-    """``http://host:port/path?q`` -> (``/path?q``, ``host:port``); None if not absolute-form."""
-    scheme_end = target.find(b"://")
-    if scheme_end <= 0 or target[:scheme_end].lower() not in (b"http", b"https"):
-        return None
-    rest = target[scheme_end + 3 :]
-    slash = rest.find(b"/")
-    query = rest.find(b"?")
-    cut = min(i for i in (slash, query, len(rest)) if i != -1)
-    authority, path = rest[:cut], rest[cut:]
-    if b"@" in authority or not authority:
-        return None
-    if not path.startswith(b"/"):
-        path = b"/" + path
-    return path, authority
 
 
 class Exchange:
@@ -145,9 +128,9 @@ class Exchange:
         head = self.head
         target, host = head.target, head.host
         if target[:1] != b"/" and target != b"*":
-            split = _split_absolute(target)
+            split = forwarding.split_absolute_form(target)
             if split is None:
-                self._fail(_BadTarget())
+                self._fail(ProtocolError("bad request target", 400))
                 return
             target, host = split
         self._target, self._host = target, host
@@ -597,7 +580,14 @@ class Exchange:
             ep.in_flight -= 1
         log = self.conn.ctx.access_log
         if log is not None:
-            self._log(log)
+            log.log_request(
+                self.conn.client.ip,
+                self.head,
+                self.status,
+                self.sent_bytes,
+                self.conn.ctx.loop.time() - self._started_at,
+                self.endpoint.label if self.endpoint else None,
+            )
         if abort:
             conn = self.conn
             conn.exchange = None
@@ -627,29 +617,11 @@ class Exchange:
         if log is not None:
             if not self.status:
                 self.status = 499  # nginx's "client closed request"
-            self._log(log)
-
-    def _log(self, log: AccessLog) -> None:
-        referer = ua = None
-        for name, value in self.head.headers:
-            lname = name.lower()
-            if lname == b"referer":
-                referer = value
-            elif lname == b"user-agent":
-                ua = value
-        log.log(
-            self.conn.client.ip,
-            self.head.method,
-            self.head.target,
-            self.head.version,
-            self.status,
-            self.sent_bytes,
-            referer,
-            ua,
-            self.conn.ctx.loop.time() - self._started_at,
-            self.endpoint.label if self.endpoint else None,
-        )
-
-
-class _BadTarget(PorticoError):
-    status = 400
+            log.log_request(
+                self.conn.client.ip,
+                self.head,
+                self.status,
+                self.sent_bytes,
+                self.conn.ctx.loop.time() - self._started_at,
+                self.endpoint.label if self.endpoint else None,
+            )
