@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -38,6 +39,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@functools.cache
+def _gunicorn_has_control_socket() -> bool:
+    """gunicorn 25+ opens a control socket at one fixed path per user unless told not to;
+    several instances would fight over it."""
+    try:
+        from gunicorn.config import KNOWN_SETTINGS
+    except ImportError:
+        return False
+    return any(getattr(s, "name", "") == "control_socket_disable" for s in KNOWN_SETTINGS)
 
 
 def _die_with_portico() -> None:  # pragma: no cover - runs in the child before exec
@@ -99,8 +111,11 @@ class LocalProvider:
         env.update(spec.env)
         env["PORT"] = str(port)
         env["PORTICO_INSTANCE"] = instance_id
+        argv = spec.argv(port)
+        if spec.wsgi and _gunicorn_has_control_socket():
+            argv.append("--no-control-socket")
         proc = await asyncio.create_subprocess_exec(
-            *spec.argv(port),
+            *argv,
             cwd=spec.cwd,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
