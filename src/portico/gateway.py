@@ -25,12 +25,8 @@ from typing import Any
 
 from portico.config.load import load_file
 from portico.config.model import Config
-from portico.control.health import (
-    StatePublisher,
-    apply_state,
-    follow_state,
-    log_transition,
-)
+from portico.control.bus import STATS_EVERY, MasterBus, follow_master
+from portico.control.health import apply_state, log_transition
 from portico.control.orchestrator import Orchestrator
 from portico.control.prober import Prober
 from portico.dataplane.accesslog import AccessLog
@@ -118,6 +114,15 @@ def load_reload(current: Config, source: ConfigSource) -> Config | None:
     return with_secrets(new.model_copy(update={"upstreams": upstreams}))
 
 
+def managed_upstreams(config: Config) -> set[str]:
+    """Upstreams whose endpoints the control plane owns (apps and discovery)."""
+    return {
+        name
+        for name, up in config.upstreams.items()
+        if up.app is not None or up.discover is not None
+    }
+
+
 def _on_transition(upstream: str, ep: Endpoint, transition: Transition) -> None:
     """Single process: the prober's endpoints are the data plane's own."""
     log_transition(upstream, ep, transition)
@@ -161,13 +166,14 @@ async def run_dataplane(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     prober: Prober | None = None
+    stop_bus: Callable[[], None] | None = None
     if state_pipe is None:
         prober = Prober(_on_transition)
         prober.update(ctx.snapshot)
     else:
-        follow_state(state_pipe, loop, lambda: ctx.snapshot)
+        stop_bus = follow_master(state_pipe, loop, lambda: ctx.snapshot, managed_upstreams(config))
     orchestrator: Orchestrator | None = None
-    if any(up.app is not None or up.discover is not None for up in config.upstreams.values()):
+    if state_pipe is None and managed_upstreams(config):
         orchestrator = Orchestrator(config, lambda: ctx.snapshot)
         orchestrator.start()
         loop.add_signal_handler(signal.SIGUSR1, orchestrator.rolling_restart)
@@ -197,6 +203,8 @@ async def run_dataplane(
     await stop.wait()
     if prober is not None:
         prober.stop()
+    if stop_bus is not None:
+        stop_bus()
     log.info("stopping: %d open connections", len(ctx.connections))
     await _drain(ctx, servers, config.server.shutdown_grace)
     if orchestrator is not None:
@@ -298,24 +306,35 @@ class _Master:
         self.mp = multiprocessing.get_context("spawn")
         self.procs: list[Any] = []
         self.started: dict[int, float] = {}  # worker pid -> when it was spawned
-        self.publisher = StatePublisher()
         self.snapshot = compile_config(config)
+        self.bus = MasterBus(lambda: self.snapshot, self._on_demand)
+        self.bus.managed = managed_upstreams(config)
         self.prober = Prober(self._on_transition)
+        self.orchestrator: Orchestrator | None = None
+        if self.bus.managed:
+            # Two reports: the draining flag reaches the workers, their counts come back.
+            self.orchestrator = Orchestrator(config, lambda: self.snapshot, 3 * STATS_EVERY)
 
     def _on_transition(self, upstream: str, ep: Endpoint, transition: Transition) -> None:
         log_transition(upstream, ep, transition)
         apply_state(self.snapshot, upstream, ep.label, transition.healthy, transition.at)
-        self.publisher.publish((upstream, ep.label, transition.healthy))
+        self.bus.publish(("health", upstream, ep.label, transition.healthy))
+
+    def _on_demand(self, upstream: str) -> None:
+        if self.orchestrator is not None:
+            supervisor = self.orchestrator.supervisors.get(upstream)
+            if supervisor is not None:
+                supervisor.demand()
 
     def _spawn(self) -> Any:
-        reader, writer = self.mp.Pipe(duplex=False)
+        ours, theirs = self.mp.Pipe(duplex=True)
         data = self.config.model_dump(mode="json")
-        proc = self.mp.Process(target=_worker_entry, args=(data, self.source, reader), daemon=False)
+        proc = self.mp.Process(target=_worker_entry, args=(data, self.source, theirs), daemon=False)
         proc.start()
-        reader.close()
+        theirs.close()
         assert proc.pid is not None
         self.started[proc.pid] = time.monotonic()
-        self.publisher.add(proc.pid, writer, self.snapshot)
+        self.bus.add(proc.pid, ours)
         return proc
 
     def _signal_workers(self, sig: int) -> None:
@@ -349,15 +368,19 @@ class _Master:
         self.procs = [self._spawn() for _ in range(self.config.server.workers)]
         log.info("master %d started %d workers", os.getpid(), len(self.procs))
         self.prober.update(self.snapshot)
+        if self.orchestrator is not None:
+            self.orchestrator.start()
+            loop.add_signal_handler(signal.SIGUSR1, self.orchestrator.rolling_restart)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.2)
+                await asyncio.wait_for(stop.wait(), STATS_EVERY)
             if stop.is_set():
                 break
+            self.bus.publish_endpoint_changes()
             for i, proc in enumerate(self.procs):
                 if proc.is_alive():
                     continue
-                self.publisher.remove(proc.pid)
+                self.bus.remove(proc.pid)
                 log.warning("worker %s exited with %s; replacing it", proc.pid, proc.exitcode)
                 if time.monotonic() - self.started.pop(proc.pid, 0.0) < WORKER_MIN_UPTIME:
                     await asyncio.sleep(WORKER_MIN_UPTIME)  # crashing at start: do not spin
@@ -372,5 +395,7 @@ class _Master:
             if proc.is_alive():
                 proc.kill()
             proc.join(1)
-        self.publisher.close()
+        self.bus.close()
+        if self.orchestrator is not None:
+            await self.orchestrator.stop()  # after the workers: their requests finished first
         return 0

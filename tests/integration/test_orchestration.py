@@ -512,7 +512,7 @@ def test_killed_instance_is_replaced_and_no_request_fails(flask_fleet: Fleet) ->
     served = whoami_pids(flask_fleet.port)
     worker, victim = next(iter(served.items()))
     leader = leader_of(worker)
-    with Stream(flask_fleet.port, threads=4, max_requests=3000) as stream:
+    with Stream(flask_fleet.port, threads=4, max_requests=50_000) as stream:
         stream.wait_for(20)
         os.kill(leader, signal.SIGKILL)
         flask_fleet.wait_log(rf"\] {victim} exited with -9 while ready; restart in ")
@@ -551,7 +551,7 @@ def test_rolling_restart_replaces_every_instance_and_loses_no_request(
     before = flask_fleet.wait_ready(2)
     old_workers = set(whoami_pids(flask_fleet.port))
     old_leaders = {leader_of(pid) for pid in old_workers}
-    with Stream(flask_fleet.port, threads=4, max_requests=4000) as stream:
+    with Stream(flask_fleet.port, threads=4, max_requests=50_000) as stream:
         stream.wait_for(20)
         if how == "SIGUSR1":
             os.kill(flask_fleet.pid, signal.SIGUSR1)
@@ -889,3 +889,79 @@ def test_portico_run_asgi_under_uvicorn(fleet: FleetFactory, tmp_path: Path) -> 
         seen[data["pid"]] = data["instance"]
     assert sorted(seen.values()) == ["default-1", "default-2"]
     f.wait_log(r"\[default-1\] .*Uvicorn running on http://127\.0\.0\.1:\d+")
+
+
+# --- several data-plane workers ---------------------------------------------------------------
+# The master runs the supervisors once and publishes endpoints to the workers (control.bus);
+# the workers report their in-flight counts back, which draining and autoscaling read.
+
+
+def worker_pids(f: Fleet) -> set[int]:
+    """The data-plane workers: the processes holding Portico's listening socket."""
+    pids = set()
+    for p in f.descendants():
+        with contextlib.suppress(psutil.Error):
+            if any(c.laddr and c.laddr.port == f.port and c.status == "LISTEN"
+                   for c in p.net_connections("tcp")):  # fmt: skip
+                pids.add(p.pid)
+    return pids
+
+
+def test_apps_with_two_workers_heal_and_roll_without_losing_a_request(
+    fleet: FleetFactory,
+) -> None:
+    config = app_config({**FLASK, "min": 2, "max": 2})
+    config["server"]["workers"] = 2
+    f = fleet(config)
+    before = f.wait_ready(2)
+    wait_until(lambda: len(worker_pids(f)) == 2, SOON, message="two data-plane workers")
+    served = whoami_pids(f.port)
+    assert set(served.values()) == before
+    worker, victim = next(iter(served.items()))
+    # Two workers answer fast: leave the stream room for the whole kill-and-roll sequence.
+    with Stream(f.port, threads=4, max_requests=50_000, max_seconds=30) as stream:
+        stream.wait_for(20)
+        os.kill(leader_of(worker), signal.SIGKILL)
+        f.wait_log(rf"\] {victim} exited with -9 while ready; restart in ")
+        healed = f.wait_ready(2, exclude={victim})
+        stream.wait_for(20)
+        os.kill(f.pid, signal.SIGUSR1)
+        f.wait_log(r"rolling restart of default: 2 instance\(s\)")
+        for old in healed:
+            f.wait_log(rf"\] {old} stopped \(rolling restart\)$")
+        after = f.wait_ready(2, exclude=healed)
+        rolled_at = time.time()
+        stream.wait_for(20)
+    assert stream.failures() == []
+    assert {r.json()["instance"] for r in stream.since(rolled_at)} == after
+
+
+def test_two_workers_cold_start_and_scale_on_their_summed_load(fleet: FleetFactory) -> None:
+    config = app_config(
+        {
+            **FLASK,
+            "min": 0,
+            "max": 3,
+            "autoscale": {
+                "metric": "in_flight",
+                "target": 1,
+                "interval": 0.2,
+                "scale_down_window": 0.4,
+                "cooldown": 0,
+                "idle_timeout": 60,
+            },
+        }
+    )
+    config["server"]["workers"] = 2
+    f = fleet(config)
+    wait_until(lambda: len(worker_pids(f)) == 2, SOON, message="two data-plane workers")
+    # A worker has no instance to offer: it asks the master, which starts one.
+    first = get(f.port)
+    assert first.status == 200, first
+    assert "scale default 0 -> 1: cold start on the first request" in f.output()
+    # Slow requests spread over both workers; only their sum exceeds the target per instance.
+    with Stream(f.port, target="/sleep/0.3", threads=6, max_requests=300, max_seconds=15) as load:
+        up = f.wait_log(r"scale default 1 -> (\d+): in-flight/instance (\S+) > target 1$")
+        load.wait_for(6)
+    assert load.failures() == []
+    assert int(up[0].group(1)) >= 2

@@ -85,13 +85,18 @@ def test_discover_selector_adds_the_compose_labels() -> None:
     }
 
 
-def test_discover_needs_one_worker() -> None:
+def test_discover_and_apps_run_with_several_workers() -> None:
+    # The master runs discovery and supervisors once and publishes endpoints to workers.
     text = (
         '[server]\nworkers = 2\nlisten = "127.0.0.1:9"\n'
         '[upstreams.a.discover]\nlabels = {x = "1"}\n'
+        '[upstreams.b.app]\nwsgi = "app:app"\n'
+        '[[routes]]\npath = "/a"\nupstream = "a"\n'
+        '[[routes]]\nupstream = "b"\n'
     )
-    ((path, _),) = problems(text)
-    assert path == "upstreams.a.discover"
+    config = load_text(text)
+    assert config.server.workers == 2
+    assert config.upstreams["a"].discover is not None and config.upstreams["b"].app is not None
 
 
 def inspect(mode: str, labels: dict[str, str], networks: dict[str, str]) -> dict[str, Any]:

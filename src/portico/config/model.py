@@ -326,16 +326,6 @@ class Config(Strict):
                 )
         if not self.routes and len(self.upstreams) > 1:
             problems.append("routes: several upstreams need routes saying which gets what")
-        if self.server.workers > 1:
-            for name, up in self.upstreams.items():
-                if up.app is not None:
-                    problems.append(
-                        f"upstreams.{name}.app: apps run with server.workers = 1 for now"
-                    )
-                if up.discover is not None:
-                    problems.append(
-                        f"upstreams.{name}.discover: discovery runs with server.workers = 1 for now"
-                    )
         if problems:
             raise ValueError("\n".join(problems))
         return self

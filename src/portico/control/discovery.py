@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from portico.config.model import Discover, HealthCheck
+from portico.control.draining import wait_drained
 from portico.control.engine import Engine, EngineError, NotFound
 from portico.control.prober import check_once
 from portico.policy.health import parse_statuses
@@ -110,6 +111,7 @@ class Discovery:
         self.service_of = service_of
         self.events = events
         self.engine = Engine(spec.docker_host)
+        self.drain_settle = 0.0  # see control.draining.wait_drained
         self.members: dict[str, Member] = {}
         self._selector = spec.selector()
         self._task: asyncio.Task[None] | None = None
@@ -288,10 +290,7 @@ class Discovery:
     async def _drained(self, member: Member) -> None:
         ep = member.endpoint
         assert ep is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.spec.drain_timeout
-        while ep.in_flight > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_drained(ep, self.spec.drain_timeout, self.drain_settle)
         member.task = None
         if self.members.get(member.cid) is member:
             self._remove(member.cid, "drained")

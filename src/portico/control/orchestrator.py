@@ -24,8 +24,12 @@ log = logging.getLogger("portico.app")
 
 
 class Orchestrator:
-    def __init__(self, config: Config, snapshot_of: Callable[[], Snapshot]) -> None:
+    def __init__(
+        self, config: Config, snapshot_of: Callable[[], Snapshot], drain_settle: float = 0.0
+    ) -> None:
         self.config = config
+        # With several workers, in-flight counts reach us a report late (control.bus).
+        self.drain_settle = drain_settle
         self.snapshot_of = snapshot_of
         self.events = EventLog()
         self.provider = LocalProvider()
@@ -57,12 +61,14 @@ class Orchestrator:
             if upstream.discover is not None:
                 watcher = Discovery(name, upstream.discover, self._service(name), self.events)
                 self.discoveries[name] = watcher
+                watcher.drain_settle = self.drain_settle
                 watcher.start()
             app = upstream.app
             if app is None:
                 continue
             sup = Supervisor(name, app, self.provider_for(app), self._service(name), self.events)
             self.supervisors[name] = sup
+            sup.drain_settle = self.drain_settle
             sup.start()
             if app.autoscale is not None:
                 scaler = Autoscaler(sup, app.autoscale, self._service(name), self.events)

@@ -31,6 +31,7 @@ import logging
 from collections.abc import Callable
 
 from portico.config.model import App, HealthCheck
+from portico.control.draining import wait_drained
 from portico.control.prober import check_once
 from portico.control.providers.base import Adopting, Instance, Provider
 from portico.policy.health import parse_statuses
@@ -94,6 +95,7 @@ class Supervisor:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.drain_settle = 0.0  # see control.draining.wait_drained
         self._surge = 0  # extra instances allowed while a rolling restart overlaps old and new
         self._background: set[asyncio.Task[None]] = set()
         self._ready_check = HealthCheck(
@@ -347,7 +349,6 @@ class Supervisor:
     async def _drain_and_stop(self, managed: Managed, why: str) -> None:
         if managed.state is State.STOPPING:
             return
-        loop = asyncio.get_running_loop()
         managed.state = State.DRAINING
         if managed.task is not None:
             managed.task.cancel()
@@ -356,9 +357,7 @@ class Supervisor:
         if ep is not None:
             ep.draining = True
             self.events.add(self.name, "drain", f"{instance.id} draining ({why})")
-            deadline = loop.time() + self.spec.drain_timeout
-            while ep.in_flight > 0 and loop.time() < deadline:
-                await asyncio.sleep(0.02)
+            await wait_drained(ep, self.spec.drain_timeout, self.drain_settle)
             self._remove_endpoint(managed)
         managed.state = State.STOPPING
         await self.provider.stop(instance, self.spec.stop_timeout)

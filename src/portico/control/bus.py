@@ -1,0 +1,230 @@
+"""The channel between the master and its workers when ``server.workers > 1``.
+
+The control plane (health checks, supervisors, discovery) runs once, in the master, against
+the master's own copy of the snapshot. Workers only serve traffic. A duplex pipe per worker
+carries small pickled tuples:
+
+master -> worker
+    ``("health", upstream, label, healthy)``: an active-check transition.
+    ``("endpoints", upstream, [(host, port, draining), ...])``: the endpoint set of an upstream
+    the master manages (apps, discovery), sent whenever it changes.
+worker -> master
+    ``("stats", {upstream: {label: (in_flight, requests)}}, {upstream: [latency, ...]})``:
+    every ``STATS_EVERY`` seconds, for managed upstreams, so the master's draining and
+    autoscaling see the load of all workers (summed).
+    ``("demand", upstream)``: a request found no instance (scale from zero).
+
+Endpoints are matched by address on both sides, so a worker's in-flight counters survive
+every change of the set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from portico.control.health import apply_state
+from portico.runtime.endpoint import Endpoint
+from portico.runtime.snapshot import Service, Snapshot
+
+log = logging.getLogger("portico.bus")
+
+# How often workers report load for managed upstreams, and the master checks for endpoint
+# changes to publish: fast enough for draining and autoscaling, cheap at any traffic.
+STATS_EVERY = 0.1
+
+EndpointRow = tuple[str, int, bool]
+
+
+def endpoint_rows(service: Service) -> list[EndpointRow]:
+    return [(ep.host, ep.port, ep.draining) for ep in service.endpoints]
+
+
+def apply_endpoints(service: Service, rows: list[EndpointRow], now: float) -> None:
+    """Make a worker's endpoint list match the master's, keeping Endpoint objects by address."""
+    known = {ep.address: ep for ep in service.endpoints}
+    endpoints: list[Endpoint] = []
+    for host, port, draining in rows:
+        ep = known.get((host, port))
+        if ep is None:
+            ep = Endpoint(host, port)
+            ep.healthy_since = now
+        ep.draining = draining
+        endpoints.append(ep)
+    service.endpoints = endpoints
+    if any(ep.available for ep in endpoints) and service.waiters:
+        waiters, service.waiters = service.waiters, []
+        for wake in waiters:
+            wake()
+
+
+class MasterBus:
+    """The master's ends of the pipes; publishes state and folds in workers' reports."""
+
+    def __init__(
+        self, snapshot_of: Callable[[], Snapshot], on_demand: Callable[[str], None]
+    ) -> None:
+        self._snapshot_of = snapshot_of
+        self._on_demand = on_demand
+        self._pipes: dict[int, Connection] = {}
+        self._stats: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
+        self._published: dict[str, list[EndpointRow]] = {}
+        self.managed: set[str] = set()  # upstreams whose endpoints the master owns
+
+    def add(self, key: int, pipe: Connection) -> None:
+        self._pipes[key] = pipe
+        snapshot = self._snapshot_of()
+        for name, service in snapshot.services.items():
+            if name in self.managed:
+                self._send(key, ("endpoints", name, endpoint_rows(service)))
+            for ep in service.endpoints:
+                if not ep.up:
+                    self._send(key, ("health", name, ep.label, False))
+        asyncio.get_running_loop().add_reader(pipe.fileno(), self._readable, key)
+
+    def remove(self, key: int) -> None:
+        pipe = self._pipes.pop(key, None)
+        self._stats.pop(key, None)
+        if pipe is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(pipe.fileno())
+            pipe.close()
+        self._fold_stats()
+
+    def publish(self, message: tuple[Any, ...]) -> None:
+        for key in list(self._pipes):
+            self._send(key, message)
+
+    def publish_endpoint_changes(self) -> None:
+        snapshot = self._snapshot_of()
+        for name in self.managed:
+            service = snapshot.services.get(name)
+            if service is None:
+                continue
+            rows = endpoint_rows(service)
+            if rows != self._published.get(name):
+                self._published[name] = rows
+                self.publish(("endpoints", name, rows))
+
+    def _send(self, key: int, message: tuple[Any, ...]) -> None:
+        try:
+            self._pipes[key].send(message)
+        except (BrokenPipeError, OSError):
+            self.remove(key)  # the worker is gone; the master replaces it
+
+    def _readable(self, key: int) -> None:
+        pipe = self._pipes.get(key)
+        if pipe is None:
+            return
+        try:
+            while pipe.poll():
+                message = pipe.recv()
+                if message[0] == "stats":
+                    self._stats[key] = message[1]
+                    self._add_latencies(message[2])
+                    self._fold_stats()
+                elif message[0] == "demand":
+                    self._on_demand(message[1])
+        except (EOFError, OSError):
+            self.remove(key)
+
+    def _fold_stats(self) -> None:
+        """The master's endpoints carry the sum of every worker's counters."""
+        snapshot = self._snapshot_of()
+        for name in self.managed:
+            service = snapshot.services.get(name)
+            if service is None:
+                continue
+            for ep in service.endpoints:
+                in_flight = requests = 0
+                for stats in self._stats.values():
+                    row = stats.get(name, {}).get(ep.label)
+                    if row is not None:
+                        in_flight += row[0]
+                        requests += row[1]
+                ep.in_flight = in_flight
+                ep.requests = max(ep.requests, requests)
+
+    def _add_latencies(self, latencies: dict[str, list[float]]) -> None:
+        snapshot = self._snapshot_of()
+        for name, values in latencies.items():
+            service = snapshot.services.get(name)
+            if service is not None and service.latencies is not None:
+                service.latencies.extend(values)
+
+    def close(self) -> None:
+        for key in list(self._pipes):
+            self.remove(key)
+
+
+def follow_master(
+    pipe: Connection,
+    loop: asyncio.AbstractEventLoop,
+    snapshot_of: Callable[[], Snapshot],
+    managed: set[str],
+) -> Callable[[], None]:
+    """Worker side: apply what the master sends, report load, forward demand.
+
+    Returns a function that stops the periodic report.
+    """
+
+    def send(message: tuple[Any, ...]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            pipe.send(message)
+
+    def readable() -> None:
+        try:
+            while pipe.poll():
+                message = pipe.recv()
+                snapshot = snapshot_of()
+                if message[0] == "health":
+                    _, upstream, label, healthy = message
+                    apply_state(snapshot, upstream, label, healthy, loop.time())
+                elif message[0] == "endpoints":
+                    service = snapshot.services.get(message[1])
+                    if service is not None:
+                        apply_endpoints(service, message[2], loop.time())
+        except (EOFError, OSError):
+            # The master is gone; PR_SET_PDEATHSIG stops this worker shortly.
+            with contextlib.suppress(Exception):
+                loop.remove_reader(pipe.fileno())
+
+    def install_demand() -> None:
+        for name in managed:
+            service = snapshot_of().services.get(name)
+            if service is not None and service.has_app:
+                service.demand = lambda name=name: send(("demand", name))
+
+    timer: asyncio.TimerHandle | None = None
+
+    def report() -> None:
+        nonlocal timer
+        install_demand()  # a reload builds new services; keep them wired
+        snapshot = snapshot_of()
+        stats: dict[str, dict[str, tuple[int, int]]] = {}
+        latencies: dict[str, list[float]] = {}
+        for name in managed:
+            service = snapshot.services.get(name)
+            if service is None:
+                continue
+            stats[name] = {ep.label: (ep.in_flight, ep.requests) for ep in service.endpoints}
+            if service.latencies:
+                latencies[name] = list(service.latencies)
+                service.latencies.clear()
+        send(("stats", stats, latencies))
+        timer = loop.call_later(STATS_EVERY, report)
+
+    loop.add_reader(pipe.fileno(), readable)
+    if managed:
+        install_demand()
+        timer = loop.call_later(STATS_EVERY, report)
+
+    def stop() -> None:
+        if timer is not None:
+            timer.cancel()
+
+    return stop
