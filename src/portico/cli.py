@@ -191,6 +191,7 @@ def proxy(
 @click.option("--ready-path", default=None, metavar="PATH", help="Readiness probe path.")
 @click.option("--access-log", default=None, metavar="FORMAT", help="common, combined or json.")
 @click.option("--pid-file", default=None, metavar="FILE", help="Write the process id here.")
+@click.option("-w", "--workers", type=int, default=None, metavar="N", help="Data-plane processes.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(
@@ -206,6 +207,7 @@ def run(
     ready_path: str | None,
     access_log: str | None,
     pid_file: str | None,
+    workers: int | None,
     command: tuple[str, ...],
 ) -> None:
     """Run instances of an app and proxy to them; heal, roll and auto-scale them.
@@ -233,7 +235,9 @@ def run(
         "autoscale": autoscale,
     }
     try:
-        config = config_for_app(app, listen=listen, access_log=access_log, pid_file=pid_file)
+        config = config_for_app(
+            app, listen=listen, access_log=access_log, pid_file=pid_file, workers=workers
+        )
     except ConfigError as e:
         _echo_problems(e, err=True)
         ctx.exit(EXIT_CONFIG_REFUSED)

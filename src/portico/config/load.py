@@ -124,10 +124,12 @@ def config_for_app(
     listen: Sequence[str] = (),
     access_log: str | None = None,
     pid_file: str | None = None,
+    workers: int | None = None,
 ) -> Config:
     """Build the config for ``portico run``: one upstream whose endpoints come from an app."""
     flags: dict[str, object] = {
         "server.listen": list(listen) or None,
+        "server.workers": workers,
         "server.pid_file": pid_file,
         f"upstreams.{FLAGS_UPSTREAM}.app": {k: v for k, v in app.items() if v is not None},
         "access_log.format": access_log,
