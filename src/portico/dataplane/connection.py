@@ -55,7 +55,6 @@ class ClientConnection(asyncio.Protocol):
         "_queue",
         "_timer",
         "_timer_kind",
-        "_write_paused",
         "client",
         "ctx",
         "exchange",
@@ -82,7 +81,6 @@ class ClientConnection(asyncio.Protocol):
         self._pumping = False
         self._discard = False
         self._paused = 0
-        self._write_paused = False
         self._closed = False
         self._corked: list[bytes] | None = None
         self._timer = Deadline(ctx.loop, self._on_timeout)
@@ -163,14 +161,12 @@ class ClientConnection(asyncio.Protocol):
             ex.client_gone()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
         ex = self.exchange
         if ex is not None:
             ex.client_paused()
         self._set_timer(T_SEND, self.settings.send_timeout)
 
     def resume_writing(self) -> None:
-        self._write_paused = False
         ex = self.exchange
         if ex is not None:
             ex.client_resumed()
@@ -308,10 +304,6 @@ class ClientConnection(asyncio.Protocol):
         """Graceful stop: close now if idle, else after the current response."""
         if self.exchange is None and not self._queue:
             self.close()
-
-    @property
-    def write_paused(self) -> bool:
-        return self._write_paused
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         # Framing can no longer be trusted: answer (unless a response is under way) and close.

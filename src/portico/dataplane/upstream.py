@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
 from typing import Protocol
 
 from portico.codec.events import Event
@@ -212,10 +211,6 @@ class EndpointPool:
     def __repr__(self) -> str:
         return f"<EndpointPool {self.endpoint.label} idle={len(self._idle)}>"
 
-    @property
-    def idle_count(self) -> int:
-        return len(self._idle)
-
     def take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
         while idle:
@@ -274,5 +269,3 @@ class PoolSet:
         for pool in self._pools.values():
             pool.close_all()
 
-
-ConnectFactory = Callable[[EndpointPool, float], "asyncio.Future[UpstreamConnection]"]
