@@ -55,6 +55,11 @@ class DockerRun(Strict):
     )
     cpus: float | None = Field(None, gt=0, description="CPU limit, in cores (e.g. 0.5)")
     memory: Size | None = Field(None, description="memory limit, e.g. '256MiB'")
+    ulimits: dict[Literal["nofile", "nproc", "core", "memlock", "stack"], int] = Field(
+        default_factory=dict,
+        description="resource limits in the container (soft = hard), e.g. {nofile = 4096};"
+        " needed when the engine's defaults exceed the host's hard limits (Podman's do here)",
+    )
     keep: bool = Field(
         False, description="leave the containers running when Portico stops (adopted next time)"
     )

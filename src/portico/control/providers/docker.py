@@ -227,6 +227,11 @@ class DockerProvider:
             options["nano_cpus"] = int(docker.cpus * 1e9)
         if docker.memory is not None:
             options["mem_limit"] = int(docker.memory)
+        if docker.ulimits:
+            options["ulimits"] = [
+                {"Name": name, "Soft": limit, "Hard": limit}
+                for name, limit in sorted(docker.ulimits.items())
+            ]
         return options
 
     async def existing(self, app_name: str, spec: App) -> list[Instance]:
