@@ -35,8 +35,8 @@ from typing import Any
 
 from portico.config.model import App, DockerRun
 from portico.control.engine import Engine, EngineError, NotFound
+from portico.control.ports import PORTS
 from portico.control.providers.base import Instance
-from portico.control.providers.local import free_port
 
 log = logging.getLogger("portico.app")
 
@@ -171,18 +171,22 @@ class DockerProvider:
         await self._open()
         docker = spec.docker
         assert docker is not None, "DockerProvider runs apps with a docker table"
-        host_port = free_port()
+        host_port = PORTS.allocate()
         port = host_port if docker.host_network else docker.port
         assert port is not None
         name = f"portico-{_NAME_UNSAFE.sub('-', instance_id)}-{secrets.token_hex(3)}"
         options = self._create_options(app_name, spec, docker, instance_id, host_port, port)
         client = self.engine.client
         try:
-            container = await self.engine.run(client.containers.create, name=name, **options)
-        except NotFound:
-            log.info("%s: pulling %s", instance_id, docker.image)
-            await self.engine.run(client.images.pull, docker.image)
-            container = await self.engine.run(client.containers.create, name=name, **options)
+            try:
+                container = await self.engine.run(client.containers.create, name=name, **options)
+            except NotFound:
+                log.info("%s: pulling %s", instance_id, docker.image)
+                await self.engine.run(client.images.pull, docker.image)
+                container = await self.engine.run(client.containers.create, name=name, **options)
+        except OSError:
+            PORTS.release(host_port)
+            raise
         instance = DockerInstance(self, instance_id, host_port, container.id, name, docker.keep)
         self._track(instance)  # before the start: its die event must find it
         try:
@@ -255,6 +259,7 @@ class DockerProvider:
                 instance = DockerInstance(
                     self, instance_id, int(labels[LABEL_PORT]), cid, name, keep
                 )
+                PORTS.claim(instance.port)
                 self._track(instance)
                 adopted.append(instance)
                 log.info("%s: adopted container %s (%s)", instance_id, name, cid[:12])
@@ -307,6 +312,7 @@ class DockerProvider:
 
     def _forget(self, instance: DockerInstance) -> None:
         self._instances.pop(instance.container_id, None)
+        PORTS.release(instance.port)
 
     def _died(self, cid: str, code: int) -> None:
         instance = self._instances.get(cid)

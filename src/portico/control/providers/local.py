@@ -16,11 +16,11 @@ import functools
 import logging
 import os
 import signal
-import socket
 
 import psutil
 
 from portico.config.model import App
+from portico.control.ports import PORTS
 from portico.control.providers.base import Instance
 
 log = logging.getLogger("portico.app")
@@ -31,14 +31,6 @@ PR_SET_PDEATHSIG = 1
 # exits, however it exits, and the instance's process group ($1) is killed. Without it,
 # gunicorn's workers outlive their killed master by up to their timeout (15 s by default).
 GUARD = 'read _; kill -s KILL -- "-$1" 2>/dev/null'
-
-
-def free_port() -> int:
-    """A free loopback port. A small race remains (another process may take it first);
-    a start that fails for that reason is retried like any crash."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @functools.cache
@@ -106,7 +98,7 @@ class LocalProvider:
         self._instances: set[LocalInstance] = set()
 
     async def start(self, app_name: str, spec: App, instance_id: str) -> LocalInstance:
-        port = free_port()
+        port = PORTS.allocate()
         env = dict(os.environ)
         env.update(spec.env)
         env["PORT"] = str(port)
@@ -114,16 +106,20 @@ class LocalProvider:
         argv = spec.argv(port)
         if spec.wsgi and _gunicorn_has_control_socket():
             argv.append("--no-control-socket")
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=spec.cwd,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_portico,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=spec.cwd,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_portico,
+            )
+        except OSError:
+            PORTS.release(port)
+            raise
         instance = LocalInstance(instance_id, port, proc)
         instance._reader = asyncio.get_running_loop().create_task(self._pump(instance, proc))
         instance._guard = await asyncio.create_subprocess_exec(
@@ -167,6 +163,7 @@ class LocalProvider:
             if guard.stdin is not None:
                 guard.stdin.close()
         self._instances.discard(instance)
+        PORTS.release(instance.port)
 
     def close(self) -> None:
         """Last resort on exit: kill every process group still running."""
