@@ -41,6 +41,7 @@ from tests.support.fleet import (
     wait_for_log,
 )
 from tests.support.ports import free_port
+from tests.support.processes import listening_workers
 from tests.support.rawhttp import RawConnection, RawResponse, build_request
 from tests.support.waiting import wait_until
 
@@ -432,19 +433,6 @@ def test_max_requests_sends_the_overflow_to_another_backend(
 
 
 # --- workers --------------------------------------------------------------------------------------
-
-
-def listening_workers(master: int, port: int) -> list[int]:
-    """Children of ``master`` that listen on ``port`` (the data-plane workers)."""
-    found = []
-    for child in psutil.Process(master).children():
-        try:
-            conns = child.net_connections(kind="tcp")
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
-            found.append(child.pid)
-    return sorted(found)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from tests.conftest import PorticoFactory, RawBackendFactory
 from tests.support.backends import GunicornFlask, RawBackend, never_respond, respond
 from tests.support.behaviours import respond_when
 from tests.support.ports import free_port
-from tests.support.processes import ManagedProcess, process_gone
+from tests.support.processes import ManagedProcess, listening_workers, process_gone
 from tests.support.proxy import PorticoProcess
 from tests.support.rawhttp import RawConnection, build_request
 from tests.support.tomlwriter import dumps
@@ -249,19 +249,6 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(
 
 
 # --- workers ------------------------------------------------------------------------------------
-
-
-def listening_workers(master: int, port: int) -> list[int]:
-    """Children of ``master`` that listen on ``port`` (the data-plane workers)."""
-    found = []
-    for child in psutil.Process(master).children():
-        try:
-            conns = child.net_connections(kind="tcp")
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
-            found.append(child.pid)
-    return sorted(found)
 
 
 def wait_for_workers(proxy: PorticoProcess, gone: int | None = None) -> list[int]:

@@ -36,7 +36,7 @@ import pytest
 
 from tests.support.backends import FLASK_APP_DIR
 from tests.support.ports import free_port
-from tests.support.processes import ManagedProcess, process_gone
+from tests.support.processes import ManagedProcess, listening_workers, process_gone
 from tests.support.proxy import PorticoProcess
 from tests.support.waiting import port_accepts, wait_until
 
@@ -897,14 +897,7 @@ def test_portico_run_asgi_under_uvicorn(fleet: FleetFactory, tmp_path: Path) -> 
 
 
 def worker_pids(f: Fleet) -> set[int]:
-    """The data-plane workers: the processes holding Portico's listening socket."""
-    pids = set()
-    for p in f.descendants():
-        with contextlib.suppress(psutil.Error):
-            if any(c.laddr and c.laddr.port == f.port and c.status == "LISTEN"
-                   for c in p.net_connections("tcp")):  # fmt: skip
-                pids.add(p.pid)
-    return pids
+    return set(listening_workers(f.pid, f.port))
 
 
 def test_apps_with_two_workers_heal_and_roll_without_losing_a_request(

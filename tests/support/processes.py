@@ -196,3 +196,16 @@ def pids_in_group(pgid: int) -> list[int]:
         except (ProcessLookupError, PermissionError):
             continue
     return found
+
+
+def listening_workers(master: int, port: int) -> list[int]:
+    """Children of ``master`` that listen on ``port``: Portico's data-plane workers."""
+    found = []
+    for child in psutil.Process(master).children():
+        try:
+            conns = child.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+            found.append(child.pid)
+    return sorted(found)
