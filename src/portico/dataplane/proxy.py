@@ -313,23 +313,11 @@ class Exchange:
                 self.status = 101
                 self.response_started = True
                 self._disarm()
-                conn.write(
-                    forwarding.response_head(
-                        resp,
-                        chunked=False,
-                        keep_alive=True,
-                        client_version=head.version,
-                        via=conn.ctx.snapshot.forwarding.via,
-                    )
-                )
+                self._write_head(resp)
             elif status != 100 and head.version == b"1.1":
                 # 103 Early Hints and friends go through to HTTP/1.1 clients; 100 Continue
                 # was already sent by Portico itself when the body was first wanted.
-                conn.write(
-                    forwarding.response_head(
-                        resp, chunked=False, keep_alive=True, client_version=b"1.1", via=None
-                    )
-                )
+                self._write_head(resp)
             return
         service = self.service
         endpoint = self.endpoint
@@ -363,16 +351,7 @@ class Exchange:
         if self._set_cookie and service.sticky is not None:
             value = service.sticky.value_for(endpoint)
             extra = set_cookie_line(service.sticky_cookie, value, service.sticky_max_age)
-        conn.write(
-            forwarding.response_head(
-                resp,
-                chunked=chunked,
-                keep_alive=keep,
-                client_version=head.version,
-                via=conn.ctx.snapshot.forwarding.via,
-                extra=extra,
-            )
-        )
+        self._write_head(resp, chunked=chunked, keep_alive=keep, extra=extra)
         upstream = self.upstream
         if upstream is not None and (not resp.keep_alive or framing == "close"):
             upstream.reusable = False
@@ -380,6 +359,26 @@ class Exchange:
             self._arm(U_BODY, self.service.body_idle_timeout)  # type: ignore[union-attr]
         else:
             self._disarm()
+
+    def _write_head(
+        self,
+        resp: ResponseHead,
+        *,
+        chunked: bool = False,
+        keep_alive: bool = True,
+        extra: bytes = b"",
+    ) -> None:
+        conn = self.conn
+        conn.write(
+            forwarding.response_head(
+                resp,
+                chunked=chunked,
+                keep_alive=keep_alive,
+                client_version=self.head.version,
+                via=conn.ctx.snapshot.forwarding.via,
+                extra=extra,
+            )
+        )
 
     def _complete(self) -> None:
         if self._client_chunked:
