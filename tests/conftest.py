@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.backends import GunicornFlask, Handler, RawBackend
 from tests.support.processes import stop_all
-from tests.support.proxy import PorticoProcess
+from tests.support.proxy import RUNNING, PorticoProcess
 
 RawBackendFactory = Callable[[Handler], RawBackend]
 PorticoFactory = Callable[..., PorticoProcess]
@@ -88,6 +88,15 @@ def raw_backend() -> Iterator[RawBackendFactory]:
     yield start
     for backend in reversed(started):
         backend.stop()
+
+
+@pytest.fixture(autouse=True)
+def _running_proxies_output_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Proxies owned by module-scoped fixtures outlive the test: show their recent output."""
+    yield
+    if _failed(request):
+        for proc in list(RUNNING):
+            print(f"--- {proc!r} output (tail) ---\n{proc.output()[-4000:]}")
 
 
 @pytest.fixture

@@ -19,17 +19,17 @@ import pytest
 from tests.conftest import PorticoFactory, RawBackendFactory
 from tests.support.backends import GunicornFlask
 from tests.support.fleet import (
-    CLIENT_TIMEOUT,
     app_config,
     backends_of,
     fleet,
+    hold_slow_request,
     reload_with,
     request,
     served_by,
     spread,
     wait_for_log,
 )
-from tests.support.rawhttp import RawConnection, RawResponse, build_request
+from tests.support.rawhttp import RawResponse
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -162,14 +162,8 @@ def test_least_connections_steers_away_from_a_busy_backend(
 ) -> None:
     backends = fleet(raw_backend, "a", "b")
     proxy = portico(app_config([s.url for s in backends], balancer="least_connections"))
-    with RawConnection(proxy.port, timeout=CLIENT_TIMEOUT) as slow:
-        slow.send(build_request("GET", "/slow/report"))
-        wait_until(
-            lambda: sum(s.board.served("/slow") for s in backends) == 1,
-            message="the slow request held by a backend",
-        )
-        [busy] = [s for s in backends if s.board.served("/slow")]
-        [idle] = [s for s in backends if s is not busy]
+    slow, busy, [idle] = hold_slow_request(proxy.port, backends)
+    with slow:
         # Round robin would send every other one of these to the busy backend.
         assert spread(proxy.port, 10, "/fast") == {idle.name: 10}
         busy.board.release.set()

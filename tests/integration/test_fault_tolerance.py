@@ -33,6 +33,7 @@ from tests.support.fleet import (
     backends_of,
     fleet,
     health_transitions,
+    hold_slow_request,
     log_lines,
     reload_with,
     request,
@@ -418,14 +419,8 @@ def test_max_requests_sends_the_overflow_to_another_backend(
 ) -> None:
     backends = fleet(raw_backend, "a", "b")
     proxy = portico(app_config([s.url for s in backends], max_requests=1))
-    with RawConnection(proxy.port, timeout=CLIENT_TIMEOUT) as slow:
-        slow.send(build_request("GET", "/slow/report"))
-        wait_until(
-            lambda: sum(s.board.served("/slow") for s in backends) == 1,
-            message="the slow request held by a backend",
-        )
-        [full] = [s for s in backends if s.board.served("/slow")]
-        [other] = [s for s in backends if s is not full]
+    slow, full, [other] = hold_slow_request(proxy.port, backends)
+    with slow:
         # Round robin would send every other one of these to the full backend.
         assert spread(proxy.port, 6, "/fast") == {other.name: 6}
         full.board.release.set()
@@ -507,15 +502,8 @@ def test_a_backend_removed_by_reload_finishes_its_in_flight_request(
 ) -> None:
     backends = fleet(raw_backend, "a", "b")
     proxy = portico(app_config([s.url for s in backends], outlier=NO_OUTLIER))
-    with RawConnection(proxy.port, timeout=CLIENT_TIMEOUT) as slow:
-        slow.send(build_request("GET", "/slow/export"))
-        wait_until(
-            lambda: sum(s.board.served("/slow") for s in backends) == 1,
-            message="the slow request held by a backend",
-        )
-        [busy] = [s for s in backends if s.board.served("/slow")]
-        [stays] = [s for s in backends if s is not busy]
-
+    slow, busy, [stays] = hold_slow_request(proxy.port, backends, "/slow/export")
+    with slow:
         reload_with(proxy, backends_of([stays.url]))
         assert spread(proxy.port, 10) == {stays.name: 10}
         assert busy.board.served() == 1

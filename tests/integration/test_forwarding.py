@@ -33,27 +33,6 @@ from tests.support.waiting import wait_until
 # loopback (127.0.0.1) is an untrusted client. Linux routes all of 127.0.0.0/8 to lo.
 TRUSTED_SOURCE = "127.0.0.2"
 
-_proxies: list[PorticoProcess] = []
-
-
-@contextlib.contextmanager
-def _running(config: dict[str, Any]) -> Iterator[PorticoProcess]:
-    with PorticoProcess(config) as proc:
-        _proxies.append(proc)
-        try:
-            yield proc
-        finally:
-            _proxies.remove(proc)
-
-
-@pytest.fixture(autouse=True)
-def _proxy_output_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        for proc in _proxies:
-            print(f"--- {proc!r} output (tail) ---\n{proc.output()[-4000:]}")
-
 
 def flask_upstream(backends: list[GunicornFlask], balancer: str) -> dict[str, Any]:
     return {
@@ -64,13 +43,13 @@ def flask_upstream(backends: list[GunicornFlask], balancer: str) -> dict[str, An
 
 @pytest.fixture(scope="module")
 def rr_proxy(flask_backends: list[GunicornFlask]) -> Iterator[PorticoProcess]:
-    with _running(flask_upstream(flask_backends, "round_robin")) as proc:
+    with PorticoProcess(flask_upstream(flask_backends, "round_robin")) as proc:
         yield proc
 
 
 @pytest.fixture(scope="module")
 def lc_proxy(flask_backends: list[GunicornFlask]) -> Iterator[PorticoProcess]:
-    with _running(flask_upstream(flask_backends, "least_connections")) as proc:
+    with PorticoProcess(flask_upstream(flask_backends, "least_connections")) as proc:
         yield proc
 
 
@@ -96,7 +75,7 @@ def echo_proxy(echo_backend: RawBackend) -> Iterator[PorticoProcess]:
             {"path": "/", "upstream": "echo"},
         ],
     }
-    with _running(config) as proc:
+    with PorticoProcess(config) as proc:
         yield proc
 
 
@@ -113,7 +92,7 @@ def annotating_proxy(echo_backend: RawBackend) -> Iterator[PorticoProcess]:
         },
         "upstreams": {"echo": {"backends": [echo_backend.url]}},
     }
-    with _running(config) as proc:
+    with PorticoProcess(config) as proc:
         yield proc
 
 
@@ -159,7 +138,7 @@ def scripted_proxy() -> Iterator[PorticoProcess]:
             },
             "routes": [{"path": path, "upstream": path.strip("/")} for path in SCRIPTS],
         }
-        with _running(config) as proc:
+        with PorticoProcess(config) as proc:
             yield proc
 
 

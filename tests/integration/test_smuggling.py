@@ -28,8 +28,6 @@ MAX_HEADER_BYTES = 4096
 MAX_HEADERS = 30
 MAX_BODY_BYTES = 64
 
-_proxies: list[PorticoProcess] = []
-
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[RawBackend]:
@@ -52,18 +50,7 @@ def proxy(backend: RawBackend) -> Iterator[PorticoProcess]:
         "upstreams": {"app": {"backends": [backend.url]}},
     }
     with PorticoProcess(config) as proc:
-        _proxies.append(proc)
         yield proc
-        _proxies.remove(proc)
-
-
-@pytest.fixture(autouse=True)
-def _proxy_output_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        for proc in _proxies:
-            print(f"--- {proc!r} output (tail) ---\n{proc.output()[-4000:]}")
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, Self, SupportsIndex
 
 import psutil
@@ -39,6 +38,7 @@ from tests.support.behaviours import (
     respond,
     slow_headers,
 )
+from tests.support.lifecycle import StartStop
 from tests.support.ports import free_port
 from tests.support.processes import ManagedProcess
 from tests.support.waiting import wait_until
@@ -82,7 +82,7 @@ READER_LIMIT = 1024 * 1024
 # --- gunicorn + Flask -----------------------------------------------------------------------
 
 
-class GunicornFlask:
+class GunicornFlask(StartStop):
     """``examples/flask-app`` under gunicorn on 127.0.0.1, instance name in ``INSTANCE``.
 
     The sync worker (default) closes every connection after its response; use
@@ -167,17 +167,6 @@ class GunicornFlask:
     def output(self) -> str:
         return self.process.output()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # --- raw asyncio backend --------------------------------------------------------------------
 
@@ -217,7 +206,7 @@ class _RecordingReader(asyncio.StreamReader):
         super().feed_eof()
 
 
-class RawBackend:
+class RawBackend(StartStop):
     """A TCP server on 127.0.0.1 whose every connection is served by ``handler``.
 
     Runs its own event loop in a daemon thread between ``start()`` and ``stop()``. Exceptions
@@ -300,17 +289,6 @@ class RawBackend:
         if thread.is_alive():
             raise AssertionError(f"{self!r}: event loop thread did not stop within {timeout}s")
         self._loop = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
         loop = asyncio.new_event_loop()

@@ -20,7 +20,7 @@ from typing import Any
 from tests.support.backends import Handler, RawBackend
 from tests.support.behaviours import Switchboard, switchable
 from tests.support.proxy import PorticoProcess
-from tests.support.rawhttp import Headers, RawConnection, RawResponse
+from tests.support.rawhttp import Headers, RawConnection, RawResponse, build_request
 from tests.support.tomlwriter import dumps
 from tests.support.waiting import wait_until
 
@@ -173,3 +173,21 @@ def backends_of(urls: Iterable[str | dict[str, Any]]) -> Callable[[dict[str, Any
         data["upstreams"]["app"]["backends"] = items
 
     return change
+
+
+def hold_slow_request(
+    proxy_port: int, backends: list[Steerable], target: str = "/slow/report"
+) -> tuple[RawConnection, Steerable, list[Steerable]]:
+    """Send one request the serving backend holds until ``board.release`` is set.
+
+    Returns the client connection (the caller closes it), the backend holding the request and
+    the others, so a test can check where the next requests go while one backend is busy.
+    """
+    slow = RawConnection(proxy_port, timeout=CLIENT_TIMEOUT)
+    slow.send(build_request("GET", target))
+    wait_until(
+        lambda: sum(s.board.served("/slow") for s in backends) == 1,
+        message="the slow request held by a backend",
+    )
+    [busy] = [s for s in backends if s.board.served("/slow")]
+    return slow, busy, [s for s in backends if s is not busy]

@@ -16,9 +16,9 @@ import tempfile
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
+from tests.support.lifecycle import StartStop
 from tests.support.ports import free_port
 from tests.support.processes import ManagedProcess
 from tests.support.tomlwriter import dumps
@@ -43,7 +43,12 @@ def listen_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class PorticoProcess:
+# Every PorticoProcess between start() and stop(): conftest prints their output when a test
+# fails, whoever owns them (a factory, a module-scoped fixture).
+RUNNING: list[PorticoProcess] = []
+
+
+class PorticoProcess(StartStop):
     """A portico server started from a config, stopped by SIGTERM (then SIGKILL)."""
 
     def __init__(
@@ -104,6 +109,7 @@ class PorticoProcess:
         Fails at once, with the captured output, if the process exits first.
         """
         self.process.start()
+        RUNNING.append(self)
         try:
             for host, port in self.addresses:
                 wait_until(
@@ -130,16 +136,7 @@ class PorticoProcess:
         if timeout is None:
             timeout = self.shutdown_grace + STOP_MARGIN
         code = self.process.stop(sig, timeout)
+        if self in RUNNING:
+            RUNNING.remove(self)
         shutil.rmtree(self._dir, ignore_errors=True)
         return code
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
