@@ -51,7 +51,7 @@ def request_head(
     via: bytes | None = None
     upgrade: bytes | None = None
     host_written = False
-    kept_from_trusted: set[bytes] = set()
+    kept_xfh = kept_real_ip = False  # a trusted proxy's own values, passed on as they are
     for name, value in head.headers:
         lname = name.lower()
         if lname in _SKIP_UP or (tokens and lname in tokens):
@@ -71,7 +71,10 @@ def request_head(
                 xproto = value
                 continue
             # A trusted proxy's X-Forwarded-Host and X-Real-IP are kept as they are.
-            kept_from_trusted.add(lname)
+            if lname == b"x-forwarded-host":
+                kept_xfh = True
+            elif lname == b"x-real-ip":
+                kept_real_ip = True
         elif lname == b"host":
             if host_override is not None or host_written:
                 continue
@@ -90,9 +93,9 @@ def request_head(
         ip = client.ip_bytes
         out += (b"X-Forwarded-For: ", (xff + b", " + ip) if xff else ip, b"\r\n")
         out += (b"X-Forwarded-Proto: ", xproto or client.proto, b"\r\n")
-        if host is not None and b"x-forwarded-host" not in kept_from_trusted:
+        if host is not None and not kept_xfh:
             out += (b"X-Forwarded-Host: ", host, b"\r\n")
-        if b"x-real-ip" not in kept_from_trusted:
+        if not kept_real_ip:
             out += (b"X-Real-IP: ", ip, b"\r\n")
     elif xff is not None:
         out += (b"X-Forwarded-For: ", xff, b"\r\n")
