@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from portico import __version__
 from portico.config.load import config_for_app, config_from_flags, load_file
 from portico.config.model import AccessLog, Config, Server, Upstream
+from portico.config.routes import describe
 from portico.errors import ConfigError
 from portico.policy.balancers import BALANCERS
 
@@ -68,6 +69,10 @@ def check(ctx: click.Context, file: str) -> None:
         ctx.exit(EXIT_CHECK_FAILED)
     for line in summarize(config, file):
         click.echo(line)
+    from portico.runtime.compile import shadowed
+
+    for warning in shadowed(config):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()
@@ -312,7 +317,7 @@ def summarize(config: Config, source: str) -> list[str]:
         lines.append(f"  {name} ({upstream.balancer}): {backends or 'no backends'}")
     lines.append("routes:")
     if config.routes:
-        lines.extend(f"  {r.host or '*'}{r.path} -> {r.upstream}" for r in config.routes)
+        lines.extend(f"  {describe(r)}" for r in config.routes)
     else:
         (only,) = config.upstreams
         lines.append(f"  (none: every request goes to {only})")

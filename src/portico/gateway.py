@@ -32,10 +32,14 @@ from portico.control.prober import Prober
 from portico.dataplane.accesslog import AccessLog
 from portico.dataplane.connection import ClientConnection
 from portico.dataplane.context import ClientSettings, ProxyContext
+from portico.dataplane.exchange import HandlerFactory
 from portico.dataplane.listener import bind_socket
+from portico.dataplane.local import LocalExchange
+from portico.dataplane.proxy import ProxyExchange
 from portico.errors import ConfigError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
+from portico.runtime.routes import KIND_PROXY
 from portico.runtime.snapshot import compile_config
 
 log = logging.getLogger("portico")
@@ -148,7 +152,8 @@ async def run_dataplane(
     settings = ClientSettings.from_config(config.server.limits, config.server.timeouts)
     access = config.access_log
     access_log = AccessLog(access.format, access.path) if access.format != "off" else None
-    ctx = ProxyContext(loop, snapshot, settings, access_log)
+    handlers: dict[str, HandlerFactory] = {KIND_PROXY: ProxyExchange}
+    ctx = ProxyContext(loop, snapshot, settings, access_log, handlers, LocalExchange)
     servers: list[asyncio.Server] = []
     for address in config.server.listen:
         sock = bind_socket(address, reuse_port=reuse_port, backlog=config.server.backlog)

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from portico.config.apps import App, Autoscale, Discover, DockerRun
+from portico.config.routes import RequestId, Route
 from portico.config.types import (
     _TOKEN,
     ListenAddress,
@@ -27,7 +28,7 @@ from portico.config.types import (
     Strict,
 )
 
-__all__ = ["App", "Autoscale", "Discover", "DockerRun"]
+__all__ = ["App", "Autoscale", "Discover", "DockerRun", "RequestId", "Route"]
 
 
 class Limits(Strict):
@@ -290,25 +291,25 @@ class Upstream(Strict):
         return v
 
 
-class Route(Strict):
-    upstream: str
-    path: str = Field("/", description="path prefix to match")
-    host: str | None = Field(None, description="Host to match (port ignored); unset matches all")
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must start with '/'")
-        return v
-
-
 class Config(Strict):
     server: Server = Field(default_factory=Server)
     forwarding: Forwarding = Field(default_factory=Forwarding)
     access_log: AccessLog = Field(default_factory=AccessLog)
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
+    request_id: RequestId | None = Field(
+        None, description="X-Request-ID handling; unset = off (no ID is generated)"
+    )
+
+    @field_validator("request_id", mode="before")
+    @classmethod
+    def _request_id_flag(cls, v: object) -> object:
+        # `request_id = true` is the short form of `[request_id]` with defaults.
+        if v is True:
+            return {}
+        if v is False:
+            return None
+        return v
 
     @model_validator(mode="after")
     def _routes_name_upstreams(self) -> Config:
@@ -319,11 +320,17 @@ class Config(Strict):
         if not self.upstreams:
             problems.append("upstreams: at least one upstream is needed")
         for i, route in enumerate(self.routes):
-            if self.upstreams and route.upstream not in self.upstreams:
-                known = ", ".join(sorted(self.upstreams))
-                problems.append(
-                    f"routes[{i}].upstream: no upstream named {route.upstream!r} (have: {known})"
-                )
+            keys = (["upstream"] if route.upstream else []) + [
+                f"split[{j}].upstream" for j in range(len(route.split or ()))
+            ]
+            if route.mirror is not None:
+                keys.append("mirror.upstream")
+            for key, name in zip(keys, route.upstream_names(), strict=True):
+                if self.upstreams and name not in self.upstreams:
+                    known = ", ".join(sorted(self.upstreams))
+                    problems.append(
+                        f"routes[{i}].{key}: no upstream named {name!r} (have: {known})"
+                    )
         if not self.routes and len(self.upstreams) > 1:
             problems.append("routes: several upstreams need routes saying which gets what")
         if problems:

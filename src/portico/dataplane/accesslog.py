@@ -48,6 +48,7 @@ class AccessLog:
         user_agent: bytes | None,
         duration: float,
         upstream: str | None,
+        request_id: bytes | None = None,
     ) -> None:
         now = time.time()
         request = f"{method.decode('latin-1')} {target.decode('latin-1')} HTTP/{version.decode()}"
@@ -65,6 +66,7 @@ class AccessLog:
                     "user_agent": user_agent.decode("latin-1") if user_agent else None,
                     "duration_ms": round(duration * 1000, 3),
                     "upstream": upstream,
+                    "request_id": request_id.decode("latin-1") if request_id else None,
                 }
             )
         else:
@@ -73,6 +75,8 @@ class AccessLog:
                 ref = referer.decode("latin-1") if referer else "-"
                 ua = user_agent.decode("latin-1") if user_agent else "-"
                 line += f' "{ref}" "{ua}"'
+            if request_id is not None:
+                line += f' "{request_id.decode("latin-1")}"'
         self._out.write(line.encode("utf-8", "replace") + b"\n")
 
     def log_request(
@@ -83,6 +87,7 @@ class AccessLog:
         sent: int,
         duration: float,
         upstream: str | None,
+        request_id: bytes | None = None,
     ) -> None:
         """One line for a proxied request; Referer and User-Agent come from its head."""
         referer = user_agent = None
@@ -103,6 +108,7 @@ class AccessLog:
             user_agent,
             duration,
             upstream,
+            request_id,
         )
 
     def flush(self) -> None:

@@ -35,9 +35,9 @@ def hash_key(spec: str, head: RequestHead, target: bytes, client_ip: str) -> str
     return None
 
 
-def set_cookie_line(name: bytes, value: str, max_age: int | None) -> bytes:
-    """A Set-Cookie header line for the sticky cookie (HttpOnly: scripts have no use for it)."""
-    line = b"Set-Cookie: " + name + b"=" + value.encode("ascii") + b"; Path=/; HttpOnly"
+def sticky_cookie_value(name: bytes, value: str, max_age: int | None) -> bytes:
+    """The Set-Cookie value of the sticky cookie (HttpOnly: scripts have no use for it)."""
+    line = name + b"=" + value.encode("ascii") + b"; Path=/; HttpOnly"
     if max_age is not None:
         line += b"; Max-Age=%d" % max_age
-    return line + b"\r\n"
+    return line

@@ -26,8 +26,9 @@ from collections import deque
 from portico.codec.events import Data, Event, RequestHead
 from portico.codec.parser import RequestParser
 from portico.dataplane.context import ProxyContext
+from portico.dataplane.exchange import Handler
 from portico.dataplane.forwarding import ClientInfo
-from portico.dataplane.proxy import Exchange
+from portico.dataplane.pipeline import begin
 from portico.dataplane.responses import error_response
 from portico.dataplane.timers import Deadline
 from portico.errors import ProtocolError
@@ -75,7 +76,7 @@ class ClientConnection(asyncio.Protocol):
             max_body=s.max_body,
         )
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: Handler | None = None
         self.tunnel = False
         self._queue: deque[Event | ProtocolError] = deque()
         self._pumping = False
@@ -222,7 +223,7 @@ class ClientConnection(asyncio.Protocol):
             self._set_timer(T_BODY, self.settings.body_idle_timeout)
         else:
             self._set_timer(T_NONE, 0)
-        ex = self.exchange = Exchange(self, head)
+        ex = self.exchange = begin(self, head)
         ex.start()
 
     def _body_done(self) -> None:
@@ -259,6 +260,16 @@ class ClientConnection(asyncio.Protocol):
         self._pump()
 
     # --- writing ----------------------------------------------------------------------------
+
+    def detach(self) -> None:
+        """The current handler lets go of this connection (it is about to be aborted)."""
+        self.exchange = None
+
+    def take_upgrade_leftover(self) -> bytes:
+        """Bytes the client sent after its Upgrade request: the start of the tunnel."""
+        leftover = self.parser.upgrade_leftover
+        self.parser.upgrade_leftover = b""
+        return leftover
 
     def write(self, data: bytes) -> None:
         corked = self._corked

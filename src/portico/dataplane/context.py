@@ -16,6 +16,7 @@ from portico.runtime.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from portico.dataplane.accesslog import AccessLog
+    from portico.dataplane.exchange import HandlerFactory, LocalFactory
 
 
 class Closable(Protocol):
@@ -55,7 +56,17 @@ class ClientSettings:
 
 
 class ProxyContext:
-    __slots__ = ("access_log", "closing", "connections", "loop", "pools", "settings", "snapshot")
+    __slots__ = (
+        "access_log",
+        "closing",
+        "connections",
+        "handlers",
+        "local",
+        "loop",
+        "pools",
+        "settings",
+        "snapshot",
+    )
 
     def __init__(
         self,
@@ -63,7 +74,13 @@ class ProxyContext:
         snapshot: Snapshot,
         settings: ClientSettings,
         access_log: AccessLog | None,
+        handlers: dict[str, HandlerFactory],
+        local: LocalFactory,
     ) -> None:
+        # Handlers by route kind, and the local handler, given by the composition root so
+        # that neither the connection nor the pipeline imports a handler.
+        self.handlers = handlers
+        self.local = local
         self.loop = loop
         self.snapshot = snapshot
         self.settings = settings

@@ -1,6 +1,7 @@
-"""The exchange: one request proxied to one upstream, streamed both ways.
+"""The proxy handler: one request proxied to one upstream, streamed both ways.
 
-Theory of operation. ``start`` routes the request, asks the balancer for an endpoint and takes
+Theory of operation. ``start`` takes the route's target (or a share of its split), starts a
+mirror copy if the route has one, asks the balancer for an endpoint and takes
 a warm connection from that endpoint's pool. With a warm connection the request head is
 written at once, inside the same callback that parsed it: the common keep-alive path creates
 no task and no timer. Only a cold start (connect) runs as a task.
@@ -10,6 +11,9 @@ transport as it arrives and upstream data to the client transport. When either t
 write buffer fills, ``pause_writing`` on that side pauses reading on the other side, so no
 buffer in Portico grows with the size of a body.
 
+The response head goes through the route's response stages (an editable header list) before
+it is written once; the body through the route's body filters, chunk by chunk.
+
 Failure rules, in one place (``_fail``):
 * nothing of the response has reached the client yet: answer with the error's status
   (502/503/504) through ``responses.response_for``;
@@ -17,33 +21,38 @@ Failure rules, in one place (``_fail``):
   presented as complete;
 * a pooled connection that turned out dead before answering a single byte is retried once
   on a fresh connection when replaying is safe (no request body, or an idempotent method
-  whose body has not started to flow).
+  whose body has not started to flow); see ``attempts`` for retries to other endpoints.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from portico.codec.events import Data, EndOfMessage, Event, RequestHead, ResponseHead
+from portico.codec.events import Data, EndOfMessage, Event, ResponseHead
 from portico.codec.writer import CONTINUE_100, LAST_CHUNK, chunk
 from portico.dataplane import forwarding, outliers
-from portico.dataplane.affinity import cookie_value, hash_key, set_cookie_line
+from portico.dataplane.affinity import cookie_value, hash_key, sticky_cookie_value
+from portico.dataplane.attempts import AttemptsMixin
+from portico.dataplane.exchange import ClientSide, finish
+from portico.dataplane.mirror import MirrorCopy, start_mirror
 from portico.dataplane.responses import response_for
+from portico.dataplane.tunnel import U_BODY, U_COLD, U_HEADER, U_NONE, TunnelMixin
 from portico.dataplane.upstream import EndpointPool, UpstreamConnection
 from portico.errors import (
     BadResponse,
     NoHealthyEndpoint,
-    NoRoute,
     PorticoError,
     ProtocolError,
     ResponseTimeout,
     UpstreamError,
 )
 from portico.policy.balancers import record_latency
-from portico.policy.retry import Failure, classify, is_idempotent
+from portico.policy.retry import classify
+from portico.runtime.request import RequestState
+from portico.runtime.routes import CompiledRoute, RouteTarget
+from portico.runtime.stages import BodyFilter
 
 if TYPE_CHECKING:
-    from portico.dataplane.connection import ClientConnection
     from portico.runtime.endpoint import Endpoint
     from portico.runtime.snapshot import Service
 
@@ -51,25 +60,24 @@ if TYPE_CHECKING:
 # client is paused; 64 KiB matches the transports' default write high-water mark.
 CONNECT_BUFFER_LIMIT = 65536
 
-U_NONE, U_HEADER, U_BODY, U_COLD = range(4)
 
-
-class Exchange:
+class ProxyExchange(AttemptsMixin, TunnelMixin):
     __slots__ = (
         "_attempt",
+        "_body_count",
         "_body_sent",
         "_buffer",
         "_buffered",
         "_client_chunked",
+        "_deadline_at",
+        "_filters",
         "_holds_retry",
-        "_host",
         "_keep_alive",
+        "_mirror",
         "_retried",
         "_reused",
         "_sent_at",
         "_set_cookie",
-        "_started_at",
-        "_target",
         "_timer_kind",
         "_tried",
         "client_eof",
@@ -79,17 +87,21 @@ class Exchange:
         "head",
         "head_bytes",
         "pool",
+        "req",
         "request_done",
         "response_started",
-        "sent_bytes",
+        "route",
         "service",
-        "status",
+        "target",
         "upstream",
     )
 
-    def __init__(self, conn: ClientConnection, head: RequestHead) -> None:
+    def __init__(self, conn: ClientSide, req: RequestState, route: CompiledRoute) -> None:
         self.conn = conn
-        self.head = head
+        self.req = req
+        self.route = route
+        self.head = head = req.head
+        self.target: RouteTarget | None = None
         self.upstream: UpstreamConnection | None = None
         self.endpoint: Endpoint | None = None
         self.service: Service | None = None
@@ -99,8 +111,6 @@ class Exchange:
         self.response_started = False
         self.done = False
         self.client_eof = False
-        self.status = 0
-        self.sent_bytes = 0
         self._buffer: list[bytes] | None = None
         self._buffered = 0
         self._client_chunked = False
@@ -113,33 +123,33 @@ class Exchange:
         self._holds_retry = False
         self._sent_at = 0.0
         self._set_cookie = False
-        self._target = head.target
-        self._host = head.host
         self._timer_kind = U_NONE
-        self._started_at = conn.ctx.loop.time() if conn.ctx.access_log is not None else 0.0
+        self._deadline_at = 0.0
+        self._filters: list[BodyFilter] | None = None
+        self._body_count = 0
+        self._mirror: MirrorCopy | None = None
 
     def __repr__(self) -> str:
         ep = self.endpoint.label if self.endpoint else "-"
-        return f"<Exchange {self.head.method.decode()} {self.head.target[:60]!r} -> {ep}>"
+        return f"<ProxyExchange {self.head.method.decode()} {self.head.target[:60]!r} -> {ep}>"
+
+    @property
+    def status(self) -> int:
+        return self.req.status
 
     # --- start ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        head = self.head
-        target, host = head.target, head.host
-        if target[:1] != b"/" and target != b"*":
-            split = forwarding.split_absolute_form(target)
-            if split is None:
-                self._fail(ProtocolError("bad request target", 400))
-                return
-            target, host = split
-        self._target, self._host = target, host
-        service = self.conn.ctx.snapshot.routes.match(host, target)
-        if service is None:
-            self._fail(NoRoute("no route matches"))
-            return
-        self.service = service
-        if head.framing != "none":
+        route = self.route
+        split = route.split
+        target = route.target if split is None else split.pick(self.req.client_ip)
+        assert target is not None
+        self.target = target
+        self.service = target.service  # type: ignore[assignment]
+        self._deadline_at = self.req.started_at + target.deadline
+        if route.mirror is not None and route.mirror.take():
+            self._mirror = start_mirror(self.conn, self.req, route.mirror)
+        if self.head.framing != "none":
             self._buffer = []
         self._dispatch(None)
 
@@ -151,13 +161,14 @@ class Exchange:
         head = self.head
         candidates = service.candidates(conn.ctx.loop.time(), self._tried)
         endpoint = None
+        req = self.req
         if service.sticky is not None:
             endpoint = service.sticky.pick(cookie_value(head, service.sticky_cookie), candidates)
             self._set_cookie = endpoint is None
         if endpoint is None:
             key = None
             if service.keyed:
-                key = hash_key(service.hash_key, head, self._target, conn.client.ip)
+                key = hash_key(service.hash_key, head, req.target, req.client_ip)
             endpoint = service.balancer.pick(candidates, key)
         if endpoint is None:
             if service.demand is not None and last_error is None and not self._tried:
@@ -170,11 +181,11 @@ class Exchange:
         endpoint.requests += 1
         self.head_bytes = forwarding.request_head(
             head,
-            self._target,
-            self._host,
+            req.target,
+            req.host,
             conn.client,
             conn.ctx.snapshot.forwarding,
-            service.host_override,
+            self.route.host_header or service.host_override,
             endpoint.authority,
         )
         self.pool = pool = conn.ctx.pools.get(
@@ -202,9 +213,9 @@ class Exchange:
 
     async def _connect(self) -> None:
         pool = self.pool
-        assert pool is not None and self.service is not None
+        assert pool is not None and self.target is not None
         try:
-            upstream = await pool.connect(self.service.connect_timeout)
+            upstream = await pool.connect(self.target.connect_timeout)
         except UpstreamError as exc:
             if not self.done and pool is self.pool:
                 self._fail(exc)
@@ -241,13 +252,24 @@ class Exchange:
         self._arm(U_HEADER, self._header_timeout())
 
     def _header_timeout(self) -> float:
-        service = self.service
-        assert service is not None
-        return service.retry.per_try_timeout or service.response_header_timeout
+        target = self.target
+        assert target is not None
+        per_try: float = target.retry.per_try_timeout or target.response_header_timeout  # type: ignore[attr-defined]
+        # The request deadline bounds every try: the last one gets only what is left.
+        left = self._deadline_at - self.conn.ctx.loop.time()
+        return per_try if per_try < left else max(left, 0.0)
 
     # --- request body (from the client connection) -------------------------------------------
 
     def on_request_data(self, data: bytes) -> None:
+        max_body = self.route.max_body
+        if max_body is not None:
+            self._body_count += len(data)
+            if self._body_count > max_body:
+                self._fail(ProtocolError("body too large for route", 413))
+                return
+        if self._mirror is not None:
+            self._mirror.feed(data)
         upstream = self.upstream
         if upstream is not None:
             self._body_sent = True
@@ -265,6 +287,10 @@ class Exchange:
 
     def on_request_end(self) -> None:
         self.request_done = True
+        mirror = self._mirror
+        if mirror is not None:
+            self._mirror = None
+            mirror.end()
         upstream = self.upstream
         if upstream is not None and self.head.framing == "chunked":
             upstream.write(LAST_CHUNK)
@@ -286,10 +312,16 @@ class Exchange:
             t = type(ev)
             if t is Data:
                 data = ev.data  # type: ignore[union-attr]
-                self.sent_bytes += len(data)
+                filters = self._filters
+                if filters is not None:
+                    for f in filters:
+                        data = f.feed(data)
+                    if not data:
+                        continue
+                self.req.sent_bytes += len(data)
                 conn.write(chunk(data) if self._client_chunked else data)
                 if self._timer_kind == U_BODY:
-                    conn.up_timer.set(self.service.body_idle_timeout)  # type: ignore[union-attr]
+                    conn.up_timer.set(self.target.body_idle_timeout)  # type: ignore[union-attr]
             elif t is ResponseHead:
                 self._on_head(ev)  # type: ignore[arg-type]
                 if self.upstream is not source:
@@ -310,7 +342,7 @@ class Exchange:
                 if not head.upgrade:
                     self._fail(BadResponse("upstream switched protocols without being asked"))
                     return
-                self.status = 101
+                self.req.status = 101
                 self.response_started = True
                 self._disarm()
                 self._write_head(resp)
@@ -330,14 +362,33 @@ class Exchange:
             service.latencies.append(loop.time() - self._sent_at)
         if status >= 500:
             outliers.report(service, endpoint, False, f"status {status}", loop)
-            if status in service.retry.retry_on and self._may_retry(status, True):
+            retry_on = self.target.retry.retry_on  # type: ignore[union-attr]
+            if status in retry_on and self._may_retry(status, True):
                 self._retry(None)
                 return
         elif service.outlier is not None:
             outliers.report(service, endpoint, True, "", loop)
-        self.status = status
+        req = self.req
+        req.status = status
+        req.upstream = endpoint.label
         self.response_started = True
         framing = resp.framing
+        route = self.route
+        if self._set_cookie and service.sticky is not None:
+            req.set_cookie = sticky_cookie_value(
+                service.sticky_cookie, service.sticky.value_for(endpoint), service.sticky_max_age
+            )
+        for stage in route.response_stages:
+            stage.on_response(req, status, resp.headers)
+        if route.body_stages and framing != "none":
+            filters = [
+                f
+                for f in (s.body_filter(req, status, resp.headers) for s in route.body_stages)
+                if f is not None
+            ]
+            if filters:
+                self._filters = filters
+                framing = "close"  # the length changes: re-frame as chunked (or close for 1.0)
         client_11 = head.version == b"1.1"
         chunked = client_11 and framing in ("chunked", "close")
         keep = self._keep_alive and not (framing in ("chunked", "close") and not client_11)
@@ -347,16 +398,12 @@ class Exchange:
             keep = False
         self._keep_alive = keep
         self._client_chunked = chunked
-        extra = b""
-        if self._set_cookie and service.sticky is not None:
-            value = service.sticky.value_for(endpoint)
-            extra = set_cookie_line(service.sticky_cookie, value, service.sticky_max_age)
-        self._write_head(resp, chunked=chunked, keep_alive=keep, extra=extra)
+        self._write_head(resp, chunked=chunked, keep_alive=keep)
         upstream = self.upstream
         if upstream is not None and (not resp.keep_alive or framing == "close"):
             upstream.reusable = False
         if framing != "none":
-            self._arm(U_BODY, self.service.body_idle_timeout)  # type: ignore[union-attr]
+            self._arm(U_BODY, self.target.body_idle_timeout)  # type: ignore[union-attr]
         else:
             self._disarm()
 
@@ -366,7 +413,6 @@ class Exchange:
         *,
         chunked: bool = False,
         keep_alive: bool = True,
-        extra: bytes = b"",
     ) -> None:
         conn = self.conn
         conn.write(
@@ -376,11 +422,20 @@ class Exchange:
                 keep_alive=keep_alive,
                 client_version=self.head.version,
                 via=conn.ctx.snapshot.forwarding.via,
-                extra=extra,
             )
         )
 
     def _complete(self) -> None:
+        filters = self._filters
+        if filters is not None:
+            tail = b""
+            for f in filters:  # each filter flushes its rest through the ones after it
+                if tail:
+                    tail = f.feed(tail)
+                tail += f.end()
+            if tail:
+                self.req.sent_bytes += len(tail)
+                self.conn.write(chunk(tail) if self._client_chunked else tail)
         if self._client_chunked:
             self.conn.write(LAST_CHUNK)
         upstream = self.upstream
@@ -390,34 +445,6 @@ class Exchange:
                 upstream.reusable = False  # the upstream answered before reading the body
             upstream.release()
         self._finish(self._keep_alive)
-
-    # --- upgrade tunnel ---------------------------------------------------------------------
-
-    def on_upgraded(self, leftover: bytes) -> None:
-        conn = self.conn
-        conn.tunnel = True
-        self._arm(U_BODY, self.service.body_idle_timeout)  # type: ignore[union-attr]
-        if leftover:
-            conn.write(leftover)
-        client_leftover = conn.parser.upgrade_leftover
-        conn.parser.upgrade_leftover = b""
-        if client_leftover and self.upstream is not None:
-            self.upstream.write(client_leftover)
-
-    def on_tunnel_data(self, data: bytes) -> None:
-        self.conn.write(data)
-        self.conn.up_timer.set(self.service.body_idle_timeout)  # type: ignore[union-attr]
-
-    def on_tunnel_closed(self) -> None:
-        # A tunnel has no framing: the upstream closing is its normal end. Close the client
-        # gracefully so the bytes already queued for it are still delivered.
-        self.upstream = None
-        self._finish(False)
-
-    def tunnel_from_client(self, data: bytes) -> None:
-        if self.upstream is not None:
-            self.upstream.write(data)
-            self.conn.up_timer.set(self.service.body_idle_timeout)  # type: ignore[union-attr]
 
     # --- flow control -----------------------------------------------------------------------
 
@@ -437,7 +464,7 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.resume_reading()
             if self._timer_kind == U_BODY:
-                self.conn.up_timer.set(self.service.body_idle_timeout)  # type: ignore[union-attr]
+                self.conn.up_timer.set(self.target.body_idle_timeout)  # type: ignore[union-attr]
 
     # --- timers -----------------------------------------------------------------------------
 
@@ -453,6 +480,9 @@ class Exchange:
         kind = self._timer_kind
         self._timer_kind = U_NONE
         if kind == U_HEADER:
+            if self.conn.ctx.loop.time() >= self._deadline_at:
+                self._fail(ResponseTimeout("request deadline passed"))
+                return
             self._fail(ResponseTimeout("upstream did not answer in time"))
         elif kind == U_BODY:
             self._fail(ResponseTimeout("upstream stalled"))
@@ -466,25 +496,6 @@ class Exchange:
 
     def on_upstream_error(self, error: UpstreamError) -> None:
         self._fail(error)
-
-    def _can_retry_fresh(self, error: PorticoError) -> bool:
-        """A warm connection that died before a single response byte: the keep-alive race.
-
-        Only bodiless idempotent requests are replayed: their whole request is ``head_bytes``,
-        and the close cannot be told apart from a backend that read the request and died on
-        it, so a POST could run twice. General retries belong to ``policy.retry``.
-        """
-        upstream = self.upstream
-        return (
-            self._reused
-            and not self._retried
-            and isinstance(error, UpstreamError)
-            and not isinstance(error, ResponseTimeout)
-            and upstream is not None
-            and upstream.bytes_in == 0
-            and self.head.framing == "none"
-            and is_idempotent(self.head.method)
-        )
 
     def _fail(self, error: PorticoError) -> None:
         if self.done:
@@ -513,7 +524,7 @@ class Exchange:
             self._keep_alive = False
             self._finish(False, abort=True)
             return
-        self.status = error.status
+        self.req.status = error.status
         keep = (
             self._keep_alive
             and not self.conn.ctx.closing
@@ -521,75 +532,31 @@ class Exchange:
         )
         response = response_for(error, close=not keep)
         # The access log counts body bytes sent, Portico's own error bodies included.
-        self.sent_bytes = len(response) - response.index(b"\r\n\r\n") - 4
+        self.req.sent_bytes = len(response) - response.index(b"\r\n\r\n") - 4
         self.conn.write(response)
         self._finish(keep)
 
-    def _may_retry(self, outcome: Failure | int, request_sent: bool) -> bool:
-        service = self.service
-        assert service is not None
-        if not service.retry.should_retry(
-            self.head.method,
-            self._attempt,
-            outcome,
-            request_sent=request_sent,
-            request_body_sent=self._body_sent,
-            response_started=self.response_started,
-        ):
-            return False
-        if self._holds_retry:
-            return True  # this request already counts against the budget
-        return service.budget.can_retry(service.active_requests(), service.active_retries)
-
-    def _retry(self, error: PorticoError | None) -> None:
-        """Give up on the current endpoint and send the request to another one."""
-        service = self.service
-        endpoint = self.endpoint
-        assert service is not None and endpoint is not None
-        upstream = self.upstream
-        if upstream is not None:
-            self.upstream = None
-            upstream.abort()  # a discarded response must not be read by the next user
-        self._disarm()
-        endpoint.in_flight -= 1
-        self._tried.append(endpoint)
-        self.endpoint = None
-        self.pool = None
-        self._attempt += 1
-        self._retried = False
-        if not self._holds_retry:
-            self._holds_retry = True
-            service.active_retries += 1
-        self._dispatch(error or UpstreamError("every endpoint tried answered with an error"))
-
-    def _release_retry(self) -> None:
-        if self._holds_retry:
-            self._holds_retry = False
-            assert self.service is not None
-            self.service.active_retries -= 1
+    def _drop_mirror(self) -> None:
+        mirror = self._mirror
+        if mirror is not None:
+            self._mirror = None
+            mirror.drop()
 
     def _finish(self, keep_alive: bool, abort: bool = False) -> None:
         if self.done:
             return
         self.done = True
+        self._drop_mirror()
         self._disarm()
         self._release_retry()
         ep = self.endpoint
         if ep is not None:
             ep.in_flight -= 1
-        log = self.conn.ctx.access_log
-        if log is not None:
-            log.log_request(
-                self.conn.client.ip,
-                self.head,
-                self.status,
-                self.sent_bytes,
-                self.conn.ctx.loop.time() - self._started_at,
-                self.endpoint.label if self.endpoint else None,
-            )
+            self.req.upstream = ep.label
+        finish(self.conn, self.req)
         if abort:
             conn = self.conn
-            conn.exchange = None
+            conn.detach()
             conn.abort()
             return
         self.conn.exchange_finished(keep_alive)
@@ -599,6 +566,7 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        self._drop_mirror()
         self._disarm()
         self._release_retry()
         self._buffer = None
@@ -612,15 +580,7 @@ class Exchange:
         ep = self.endpoint
         if ep is not None:
             ep.in_flight -= 1
-        log = self.conn.ctx.access_log
-        if log is not None:
-            if not self.status:
-                self.status = 499  # nginx's "client closed request"
-            log.log_request(
-                self.conn.client.ip,
-                self.head,
-                self.status,
-                self.sent_bytes,
-                self.conn.ctx.loop.time() - self._started_at,
-                self.endpoint.label if self.endpoint else None,
-            )
+            self.req.upstream = ep.label
+        if not self.req.status:
+            self.req.status = 499  # nginx's "client closed request"
+        finish(self.conn, self.req)

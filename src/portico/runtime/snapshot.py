@@ -13,13 +13,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from portico.codec.headers import split_host
 from portico.config.model import Config, HealthCheck, Upstream
 from portico.policy.balancers import BALANCERS, Balancer, LeastLatency, select_candidates
 from portico.policy.hashing import ConsistentHash, StickyCookie
 from portico.policy.health import OutlierDetector
 from portico.policy.retry import RetryBudget, RetryPolicy
+from portico.runtime.compile import compile_routes
 from portico.runtime.endpoint import Endpoint
+from portico.runtime.routes import Router
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -82,32 +83,6 @@ class Service:
 
 
 @dataclass(slots=True)
-class CompiledRoute:
-    host: bytes | None
-    path: bytes
-    service: Service
-
-
-@dataclass(slots=True)
-class RouteTable:
-    """Routes ordered most specific first: a Host match beats none, longer paths beat shorter."""
-
-    routes: list[CompiledRoute]
-    only: Service | None = None  # set when one catch-all route covers everything
-
-    def match(self, host: bytes | None, target: bytes) -> Service | None:
-        if self.only is not None:
-            return self.only
-        bare = split_host(host).lower() if host else None
-        for route in self.routes:
-            if route.host is not None and route.host != bare:
-                continue
-            if target.startswith(route.path):
-                return route.service
-        return None
-
-
-@dataclass(slots=True)
 class ForwardingPolicy:
     x_forwarded: bool
     forwarded: bool
@@ -126,7 +101,7 @@ class ForwardingPolicy:
 
 @dataclass(slots=True)
 class Snapshot:
-    routes: RouteTable
+    router: Router
     services: dict[str, Service]
     forwarding: ForwardingPolicy
 
@@ -225,18 +200,6 @@ def compile_config(config: Config, previous: Snapshot | None = None) -> Snapshot
         name: _compile_service(name, up, old, old_services.get(name))
         for name, up in config.upstreams.items()
     }
-    compiled = [
-        CompiledRoute(
-            host=r.host.lower().encode("idna") if r.host else None,
-            path=r.path.encode("utf-8"),
-            service=services[r.upstream],
-        )
-        for r in config.effective_routes()
-    ]
-    compiled.sort(key=lambda r: (r.host is None, -len(r.path)))
-    only = None
-    if len(compiled) == 1 and compiled[0].host is None and compiled[0].path == b"/":
-        only = compiled[0].service
     fw = config.forwarding
     forwarding = ForwardingPolicy(
         x_forwarded=fw.x_forwarded,
@@ -244,4 +207,5 @@ def compile_config(config: Config, previous: Snapshot | None = None) -> Snapshot
         via=b"1.1 " + fw.via_name.encode("ascii") if fw.via else None,
         trusted=[ipaddress.ip_network(n, strict=False) for n in fw.trusted_proxies],
     )
-    return Snapshot(routes=RouteTable(compiled, only), services=services, forwarding=forwarding)
+    router = compile_routes(config, services)
+    return Snapshot(router=router, services=services, forwarding=forwarding)

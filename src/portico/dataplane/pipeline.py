@@ -1,0 +1,94 @@
+"""From a parsed request head to the handler that answers it.
+
+``begin`` is all the connection calls: it builds the request state, finds the route, runs the
+route's request stages (any of which may answer locally), applies the route's safety rules
+(allowed Upgrade protocols, body size) and hands the request to the handler registered for
+the route's kind. Handlers are registered by the composition root (``ProxyContext.handlers``),
+so this module and the connection never import one.
+"""
+
+from __future__ import annotations
+
+from portico.codec.events import RequestHead
+from portico.codec.paths import normalize_path
+from portico.dataplane import forwarding
+from portico.dataplane.exchange import ClientSide, Handler
+from portico.errors import NoRoute, PorticoError, ProtocolError
+from portico.runtime.request import RequestState
+from portico.runtime.routes import CompiledRoute
+from portico.runtime.stages import LocalReply
+
+
+def begin(conn: ClientSide, head: RequestHead) -> Handler:
+    """The handler for this request, not yet started: the connection makes it current
+    first, because a handler may finish inside ``start``."""
+    ctx = conn.ctx
+    snapshot = ctx.snapshot
+    target, host = head.target, head.host
+    client = conn.client
+    bad_target = False
+    if target[:1] != b"/" and target != b"*":
+        split = forwarding.split_absolute_form(target)
+        if split is None:
+            bad_target = True
+        else:
+            target, host = split
+    req = RequestState(
+        head,
+        target,
+        host,
+        client.ip,
+        client.trusted,
+        client.proto,
+        ctx.loop.time(),
+        snapshot.forwarding.trusts,
+    )
+    if bad_target:
+        return _local(conn, req, None, error=ProtocolError("bad request target", 400))
+    path = req.path
+    if path[:1] == b"/":
+        normal = normalize_path(path)
+        if normal is None:
+            return _local(conn, req, None, error=ProtocolError("path climbs above the root", 400))
+        if normal is not path:
+            req.set_path(normal)
+    route = snapshot.router.match(req)
+    if route is None:
+        return _local(conn, req, None, error=NoRoute("no route matches"))
+    req.route = route
+    for stage in route.request_stages:
+        reply = stage.on_request(req)
+        if reply is not None:
+            return _local(conn, req, route, reply=reply)
+    if head.upgrade and not _upgrade_allowed(head, route):
+        # h2c smuggling and friends: the request goes on as a plain request, without Upgrade.
+        head.upgrade = False
+    max_body = route.max_body
+    if max_body is not None and head.content_length is not None and head.content_length > max_body:
+        return _local(conn, req, route, error=ProtocolError("body too large for route", 413))
+    factory = ctx.handlers.get(route.kind)
+    if factory is None:
+        return _local(conn, req, route)
+    return factory(conn, req, route)
+
+
+def _local(
+    conn: ClientSide,
+    req: RequestState,
+    route: CompiledRoute | None,
+    *,
+    reply: LocalReply | None = None,
+    error: PorticoError | None = None,
+) -> Handler:
+    return conn.ctx.local(conn, req, route, reply, error)
+
+
+def _upgrade_allowed(head: RequestHead, route: CompiledRoute) -> bool:
+    allowed = route.upgrades
+    for name, value in head.headers:
+        if len(name) == 7 and name.lower() == b"upgrade":
+            for proto in value.split(b","):
+                token = proto.strip().split(b"/")[0].lower()
+                if token and token not in allowed:
+                    return False
+    return True
