@@ -413,8 +413,6 @@ class Route(Strict):
         out: list[tuple[str, str]] = []
         if isinstance(self.redirect, Redirect):
             out.append(("redirect.to", self.redirect.to))
-        if self.respond is not None:
-            out.append(("respond.body", self.respond.body))
         for label, rules in (
             ("request_headers", self.request_headers),
             ("response_headers", self.response_headers),

@@ -50,8 +50,9 @@ def begin(conn: ClientSide, head: RequestHead) -> Handler:
         normal = normalize_path(path)
         if normal is None:
             return _local(conn, req, None, error=ProtocolError("path climbs above the root", 400))
-        if normal is not path:
-            req.set_path(normal)
+        # Routes match the normal form; the target goes up byte for byte unless a stage
+        # rewrites it (then from the normal form), as nginx's proxy_pass without a URI does.
+        req.path = normal
     route = snapshot.router.match(req)
     if route is None:
         return _local(conn, req, None, error=NoRoute("no route matches"))
