@@ -236,7 +236,9 @@ class Route(Strict):
     host: str | list[str] | None = Field(
         None, description="Host to match, exact or *.example.com (port ignored); unset = any"
     )
-    path: str | None = Field(None, description="path prefix to match ('/' unless another path key is given)")
+    path: str | None = Field(
+        None, description="path prefix to match ('/' unless another path key is given)"
+    )
     path_exact: str | None = Field(None, description="the path must equal this")
     path_regex: str | None = Field(None, description="regex the path must match; named captures")
     methods: list[str] | None = None
@@ -413,6 +415,8 @@ class Route(Strict):
         out: list[tuple[str, str]] = []
         if isinstance(self.redirect, Redirect):
             out.append(("redirect.to", self.redirect.to))
+        if self.respond is not None:
+            out.append(("respond.body", self.respond.body))
         for label, rules in (
             ("request_headers", self.request_headers),
             ("response_headers", self.response_headers),
