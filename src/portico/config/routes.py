@@ -210,8 +210,8 @@ class RouteTimeouts(Strict):
     body_idle: PositiveSeconds | None = None
     deadline: PositiveSeconds | None = Field(
         None,
-        description="time from the request to a response head across every try (504); "
-        "unset = the upstream's response_header timeout",
+        description="time from the end of the request to a response head, across every "
+        "try (504); unset = the upstream's response_header timeout",
     )
 
 

@@ -124,7 +124,7 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         self._sent_at = 0.0
         self._set_cookie = False
         self._timer_kind = U_NONE
-        self._deadline_at = 0.0
+        self._deadline_at = float("inf")
         self._filters: list[BodyFilter] | None = None
         self._body_count = 0
         self._mirror: MirrorCopy | None = None
@@ -146,7 +146,10 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         assert target is not None
         self.target = target
         self.service = target.service  # type: ignore[assignment]
-        self._deadline_at = self.req.started_at + target.deadline
+        # The deadline runs from the end of the request, as Envoy's route timeout does: a
+        # long upload is bounded by the client body timeouts, not by the deadline.
+        if self.head.framing == "none":
+            self._deadline_at = self.req.started_at + target.deadline
         if route.mirror is not None and route.mirror.take():
             self._mirror = start_mirror(self.conn, self.req, route.mirror)
         if self.head.framing != "none":
@@ -287,6 +290,11 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
 
     def on_request_end(self) -> None:
         self.request_done = True
+        target = self.target
+        if target is not None and self.head.framing != "none":
+            self._deadline_at = self.conn.ctx.loop.time() + target.deadline
+            if self._timer_kind == U_HEADER:
+                self._arm(U_HEADER, self._header_timeout())
         mirror = self._mirror
         if mirror is not None:
             self._mirror = None
