@@ -208,7 +208,8 @@ def test_bad_sizes(size: str, reason: str) -> None:
             "bogus = 1",
             (
                 "bogus",
-                "unknown key (expected one of: server, forwarding, access_log, upstreams, routes)",
+                "unknown key (expected one of: server, forwarding, access_log, upstreams, routes, "
+                "request_id)",
             ),
         ),
         (
@@ -363,9 +364,10 @@ def test_several_upstreams_need_routes() -> None:
 
 def test_route_fields() -> None:
     text = with_app('[[routes]]\npath = "api"')
+    assert problems_of(text) == [("routes[0].path", "must start with '/'")]
+    text = with_app('[[routes]]\npath = "/api"')
     assert problems_of(text) == [
-        ("routes[0].upstream", "required"),
-        ("routes[0].path", "must start with '/'"),
+        ("routes[0]", "give exactly one of upstream, split, redirect or respond")
     ]
 
 

@@ -31,25 +31,6 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 # Header names a rule may not touch: framing and connection management belong to the codec,
 # forwarding headers to the ``forwarding`` section (rules would let one route forge them).
-_RESERVED_REQUEST = frozenset(
-    {
-        "connection",
-        "content-length",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "keep-alive",
-        "proxy-connection",
-        "expect",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-real-ip",
-        "forwarded",
-        "via",
-    }
-)
 _RESERVED_RESPONSE = frozenset(
     {
         "connection",
@@ -62,6 +43,10 @@ _RESERVED_RESPONSE = frozenset(
         "proxy-connection",
     }
 )
+_FORWARDING = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded", "via"}
+)
+_RESERVED_REQUEST = _RESERVED_RESPONSE | _FORWARDING | {"expect"}
 
 
 def template_names(template: str) -> list[str]:
@@ -386,8 +371,7 @@ class Route(Strict):
                 if name.lower() in reserved:
                     why = (
                         "set by the forwarding section"
-                        if name.lower() in ("x-forwarded-for", "x-forwarded-proto",
-                                            "x-forwarded-host", "x-real-ip", "forwarded", "via")
+                        if name.lower() in _FORWARDING
                         else "managed by Portico (framing or connection)"
                     )
                     raise ValueError(f"{label}: {name} cannot be edited here ({why})")
