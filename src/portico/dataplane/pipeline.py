@@ -41,19 +41,21 @@ def begin(conn: ClientSide, head: RequestHead) -> Handler:
         client.trusted,
         client.proto,
         ctx.loop.time(),
-        snapshot.forwarding.trusts,
+        snapshot.forwarding,
     )
     if bad_target:
         return _local(conn, req, None, error=ProtocolError("bad request target", 400))
     path = req.path
-    if path[:1] == b"/":
+    # The scans are inlined: most paths need no normalizing, and a call costs more than them.
+    if path[:1] == b"/" and (b"%" in path or b"/." in path or b"//" in path):
         normal = normalize_path(path)
         if normal is None:
             return _local(conn, req, None, error=ProtocolError("path climbs above the root", 400))
         # Routes match the normal form; the target goes up byte for byte unless a stage
         # rewrites it (then from the normal form), as nginx's proxy_pass without a URI does.
         req.path = normal
-    route = snapshot.router.match(req)
+    router = snapshot.router
+    route = router.only or router.match(req)
     if route is None:
         return _local(conn, req, None, error=NoRoute("no route matches"))
     req.route = route

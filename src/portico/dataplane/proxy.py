@@ -71,6 +71,7 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         "_client_chunked",
         "_deadline_at",
         "_filters",
+        "_held",
         "_holds_retry",
         "_keep_alive",
         "_mirror",
@@ -127,6 +128,7 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         self._deadline_at = float("inf")
         self._filters: list[BodyFilter] | None = None
         self._body_count = 0
+        self._held = False  # held for a cold start: the deadline has been running
         self._mirror: MirrorCopy | None = None
 
     def __repr__(self) -> str:
@@ -204,6 +206,7 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
 
     def _hold_for_instance(self, service: Service) -> None:
         """Scale from zero: ask for an instance and wait (bounded) until one is ready."""
+        self._held = True
         service.waiters.append(self._instance_ready)
         self._arm(U_COLD, service.cold_start_timeout)
         service.demand()  # type: ignore[misc]
@@ -257,6 +260,8 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
     def _header_timeout(self) -> float:
         target = self.target
         assert target is not None
+        if self._attempt == 1 and not self._held and self.head.framing == "none":
+            return target.first_try_timeout
         per_try: float = target.retry.per_try_timeout or target.response_header_timeout  # type: ignore[attr-defined]
         # The request deadline bounds every try: the last one gets only what is left.
         left = self._deadline_at - self.conn.ctx.loop.time()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from portico.codec.events import RequestHead
 
@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from portico.runtime.routes import CompiledRoute
 
 Headers = list[tuple[bytes, bytes]]
+
+
+class Trust(Protocol):
+    """Who may speak for a client (the forwarding policy's trusted networks)."""
+
+    def trusts(self, ip: str) -> bool: ...
 
 
 class RequestState:
@@ -55,7 +61,7 @@ class RequestState:
         peer_trusted: bool,
         scheme: bytes,
         started_at: float,
-        trusts: Callable[[str], bool] | None = None,
+        trusts: Trust | None = None,
     ) -> None:
         self.head = head
         self.target = target  # what the upstream will see: rewritten by stages
@@ -99,9 +105,7 @@ class RequestState:
         self.target = path + self.query
 
 
-def resolve_client_ip(
-    peer: str, trusted: bool, headers: Headers, trusts: Callable[[str], bool] | None
-) -> str:
+def resolve_client_ip(peer: str, trusted: bool, headers: Headers, trusts: Trust | None) -> str:
     """The rightmost X-Forwarded-For address not in a trusted network (nginx's real_ip with
     ``real_ip_recursive on``); the peer itself when the peer is not trusted."""
     if not trusted or trusts is None:
@@ -115,7 +119,7 @@ def resolve_client_ip(
             ipaddress.ip_address(candidate)
         except ValueError:
             return peer  # garbage in the chain: trust nothing beyond the peer
-        if not trusts(candidate):
+        if not trusts.trusts(candidate):
             return candidate
     return chain[0] if chain else peer
 

@@ -61,6 +61,7 @@ class RouteTarget:
         "body_idle_timeout",
         "connect_timeout",
         "deadline",
+        "first_try_timeout",
         "response_header_timeout",
         "retry",
         "service",
@@ -86,6 +87,9 @@ class RouteTarget:
         self.body_idle_timeout = body_idle_timeout
         self.retry = retry
         self.deadline = deadline
+        # A first try starts as the deadline starts, so its timeout needs no clock reading.
+        per_try = getattr(retry, "per_try_timeout", None) or response_header_timeout
+        self.first_try_timeout: float = min(per_try, deadline)
 
 
 class Split:
