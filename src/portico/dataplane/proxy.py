@@ -559,9 +559,11 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         if self.done:
             return
         self.done = True
-        self._drop_mirror()
+        if self._mirror is not None:
+            self._drop_mirror()
         self._disarm()
-        self._release_retry()
+        if self._holds_retry:
+            self._release_retry()
         ep = self.endpoint
         if ep is not None:
             ep.in_flight -= 1
