@@ -304,21 +304,23 @@ def test_client_leaving_mid_download_aborts_the_backend_connection(
 
 
 def answer_before_body(answered: threading.Event) -> Handler:
-    """Connection 0: read the request head only, answer 403 at once (keep-alive, as a careless
-    server would), then swallow whatever comes and never answer again. Later connections: a
-    correct echo."""
+    """Connection 0: read the request head only and answer 403 at once, keep-alive (as HTTP
+    allows), then read and discard the rest of the body before serving the next request, as a
+    correct server must. Every connection then echoes method, target and body length.
+
+    Were Portico to put this connection back in its pool while part of the body was still
+    unsent, the next request would be read as the rest of that body and never answered.
+    """
+    from tests.support.behaviours import CONNECTION_INDEX
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from tests.support.behaviours import CONNECTION_INDEX
-
         if CONNECTION_INDEX.get() == 0:
-            await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
             writer.write(answer(403, b"denied"))
             await writer.drain()
             answered.set()
-            while await reader.read(65536):
-                pass
-            return
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
         while (req := await read_request(reader)) is not None:
             writer.write(answer(200, f"{req.method} {req.target} {len(req.body)}".encode()))
             await writer.drain()
@@ -355,11 +357,9 @@ def test_backend_answering_before_reading_the_body(
     finally:
         conn.close()
     assert answered.is_set()
-    # The connection that answered early was not put back in the pool: its unread body bytes
-    # would be taken for the next request, which would then never be answered.
+    # Nothing of the upload is taken for the next request, whichever connection serves it.
     resp = request(proxy.port, "POST", "/next", body=b"hello")
     assert resp.status == 200 and resp.body == b"POST /next 5", resp.raw[:300]
-    assert backend.connections == 2
 
 
 # --- stray bytes on an idle pooled connection ---------------------------------------------------
