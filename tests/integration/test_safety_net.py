@@ -328,8 +328,9 @@ def answer_before_body(answered: threading.Event) -> Handler:
     return handler
 
 
+@pytest.mark.parametrize("client_sends", ["whole body", "part of the body"])
 def test_backend_answering_before_reading_the_body(
-    raw_backend: RawBackendFactory, portico: PorticoFactory
+    raw_backend: RawBackendFactory, portico: PorticoFactory, client_sends: str
 ) -> None:
     answered = threading.Event()
     backend = raw_backend(answer_before_body(answered))
@@ -337,12 +338,13 @@ def test_backend_answering_before_reading_the_body(
     config["upstreams"]["app"]["timeouts"]["response_header"] = 2.0
     proxy = portico(config)
     body = b"y" * (4 * 2**20)
+    sent = body if client_sends == "whole body" else body[: 256 * 1024]
     conn = RawConnection(proxy.port, timeout=CLIENT_TIMEOUT)
     sender_errors: list[BaseException] = []
 
     def send_body() -> None:
         try:
-            conn.sock.sendall(body)
+            conn.sock.sendall(sent)
         except OSError as e:  # Portico may close instead of reading the rest: allowed
             sender_errors.append(e)
 
@@ -355,9 +357,10 @@ def test_backend_answering_before_reading_the_body(
         sender.join(CLIENT_TIMEOUT)
         assert not sender.is_alive(), "the client's upload stalled"
     finally:
-        conn.close()
+        conn.close()  # with part of the body sent: the client gives up on the rest
     assert answered.is_set()
-    # Nothing of the upload is taken for the next request, whichever connection serves it.
+    # Nothing of the upload is taken for the next request, whichever connection serves it;
+    # a connection left owing body bytes would take the next request for them.
     resp = request(proxy.port, "POST", "/next", body=b"hello")
     assert resp.status == 200 and resp.body == b"POST /next 5", resp.raw[:300]
 
