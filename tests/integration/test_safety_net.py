@@ -21,7 +21,12 @@ import pytest
 
 from tests.conftest import PorticoFactory, RawBackendFactory
 from tests.support.backends import Handler, RawBackend, read_request
-from tests.support.behaviours import StreamProgress, pattern_block, stream_pattern
+from tests.support.behaviours import (
+    CONNECTION_INDEX,
+    StreamProgress,
+    pattern_block,
+    stream_pattern,
+)
 from tests.support.fleet import (
     CLIENT_TIMEOUT,
     Steerable,
@@ -311,7 +316,6 @@ def answer_before_body(answered: threading.Event) -> Handler:
     Were Portico to put this connection back in its pool while part of the body was still
     unsent, the next request would be read as the rest of that body and never answered.
     """
-    from tests.support.behaviours import CONNECTION_INDEX
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if CONNECTION_INDEX.get() == 0:
@@ -371,7 +375,6 @@ def test_backend_answering_before_reading_the_body(
 def speaks_out_of_turn(stray_sent: threading.Event) -> Handler:
     """Answers each request with ``real <connection> <n>``; after the first answer on a
     connection, sends a whole unsolicited response (``STRAY``) while the connection is idle."""
-    from tests.support.behaviours import CONNECTION_INDEX
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         n = 0
