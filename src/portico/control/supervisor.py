@@ -357,6 +357,7 @@ class Supervisor:
         if ep is not None:
             ep.draining = True
             self.events.add(self.name, "drain", f"{instance.id} draining ({why})")
+            log.info("%s draining (%s)", instance.id, why)
             await wait_drained(ep, self.spec.drain_timeout, self.drain_settle)
             self._remove_endpoint(managed)
         managed.state = State.STOPPING

@@ -376,7 +376,13 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         if status >= 500:
             outliers.report(service, endpoint, False, f"status {status}", loop)
             retry_on = self.target.retry.retry_on  # type: ignore[union-attr]
-            if status in retry_on and self._may_retry(status, True):
+            if (
+                status in retry_on
+                and self._may_retry(status, True)
+                # With no endpoint left to try, this answer is the best there is: passing
+                # it on beats a 502 of Portico's own that hides the backend's status.
+                and service.candidates(loop.time(), [*self._tried, endpoint])
+            ):
                 self._retry(None)
                 return
         elif service.outlier is not None:
@@ -596,6 +602,8 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         if ep is not None:
             ep.in_flight -= 1
             self.req.upstream = ep.label
-        if not self.req.status:
-            self.req.status = 499  # nginx's "client closed request"
+        if self.req.status != 101:  # a client closing its tunnel is the tunnel's normal end
+            # nginx's "client closed request", also when the response had started: a
+            # download the client abandoned must not look like one it received whole.
+            self.req.status = 499
         finish(self.conn, self.req)
