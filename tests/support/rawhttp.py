@@ -114,9 +114,19 @@ def send_raw(
 class RawConnection:
     """One client connection; parses responses off the stream one by one."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout: float = 5.0,
+        source: str | None = None,
+    ) -> None:
+        """``source``: the local address to connect from (any of 127.0.0.0/8 works on Linux),
+        for tests where the client's address matters."""
         self.timeout = timeout
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self._buf = bytearray()
         self._eof = False
 
