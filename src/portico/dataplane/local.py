@@ -74,6 +74,9 @@ class LocalExchange:
             if reply is None and route is not None:
                 reply = route.reply if route.kind != KIND_REDIRECT else redirect_reply(route, req)
             assert reply is not None
+            if route is not None and route.reply_body is not None:
+                body = route.reply_body.render(req, in_head=False)
+                reply = LocalReply(reply.status, reply.headers, body)
             if route is not None and route.response_stages:
                 headers = list(reply.headers)
                 for stage in route.response_stages:

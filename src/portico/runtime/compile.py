@@ -136,11 +136,16 @@ def compile_route(
         cr.redirect_status = 308 if route.methods and set(route.methods) - {"GET", "HEAD"} else 301
     if route.respond is not None:
         r = route.respond
-        body = r.body.encode("utf-8")
+        # The body is a template like every other (the schema checks its names); one without
+        # variables is rendered once, here.
+        tpl = Template(r.body)
+        body = tpl.literal if tpl.literal is not None else b""
         headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in r.headers.items()]
-        if body:
+        if r.body:
             headers.insert(0, (b"Content-Type", r.content_type.encode("latin-1")))
         cr.reply = LocalReply(r.status, headers, body)
+        if tpl.literal is None:
+            cr.reply_body = tpl
     cr.set_stages(_stages(route, request_id, services))
     return cr
 

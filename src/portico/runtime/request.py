@@ -192,12 +192,13 @@ class Template:
             (b"" if not merged else None)
         )
 
-    def render(self, req: RequestState) -> bytes:
+    def render(self, req: RequestState, *, in_head: bool = True) -> bytes:
+        """The rendered bytes; ``in_head=False`` for a body, whose newlines are its own."""
         if self.literal is not None:
             return self.literal
         out = b"".join(p if isinstance(p, bytes) else p(req) for p in self.parts)
         # Variables come from a validated head, but nothing may ever split a head in two.
-        if b"\r" in out or b"\n" in out or b"\0" in out:
+        if in_head and (b"\r" in out or b"\n" in out or b"\0" in out):
             out = out.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")
         return out
 

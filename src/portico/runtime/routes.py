@@ -184,6 +184,7 @@ class CompiledRoute:
         "redirect_to",
         "regex",
         "reply",
+        "reply_body",
         "request_stages",
         "response_stages",
         "split",
@@ -212,6 +213,7 @@ class CompiledRoute:
         self.redirect_to: Template | None = None
         self.redirect_status = 302
         self.reply: LocalReply | None = None
+        self.reply_body: Template | None = None  # a respond body that names variables
         self.max_body: int | None = None
         self.host_header: bytes | None = None  # Host sent upstream, over the upstream's
         self.upgrades: frozenset[bytes] = frozenset((b"websocket",))
