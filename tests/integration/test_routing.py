@@ -186,9 +186,7 @@ def test_methods(conn: RawConnection) -> None:
         ({"X-Block": "1"}, "h-none"),
     ],
 )
-def test_header_matching(
-    conn: RawConnection, headers: Mapping[str, str], expected: str
-) -> None:
+def test_header_matching(conn: RawConnection, headers: Mapping[str, str], expected: str) -> None:
     assert route_of(conn, "/h/x", headers) == expected
 
 

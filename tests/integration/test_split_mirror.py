@@ -94,9 +94,7 @@ def proxy(
                 "split_sticky": True,
             },
             {"name": "plain", "path": "/plain/", "upstream": "web"},
-            mirrored(
-                "hang", "hanging", max_concurrent=MIRROR_MAX, timeout=MIRROR_TIMEOUT
-            ),
+            mirrored("hang", "hanging", max_concurrent=MIRROR_MAX, timeout=MIRROR_TIMEOUT),
             mirrored("dead", "dead"),
             mirrored("copy", "shadow", max_body_bytes=1024),
             mirrored("half", "shadow", percent=50),
