@@ -79,6 +79,15 @@ LocalFactory = Callable[
 ]
 
 
+def request_id_field(req: RequestState) -> tuple[bytes, bytes] | None:
+    """The request ID header for a response Portico writes itself (an error), if any."""
+    route = req.route
+    rid = req.request_id
+    if route is None or rid is None or route.request_id_header is None:
+        return None
+    return route.request_id_header, rid
+
+
 def finish(conn: ClientSide, req: RequestState) -> None:
     """Record a finished (or abandoned) request: the single finish path."""
     ctx = conn.ctx

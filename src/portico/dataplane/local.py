@@ -5,7 +5,7 @@ too large for the route)."""
 from __future__ import annotations
 
 from portico.codec.events import RequestHead
-from portico.dataplane.exchange import ClientSide, finish
+from portico.dataplane.exchange import ClientSide, finish, request_id_field
 from portico.dataplane.responses import response_for
 from portico.errors import PorticoError
 from portico.runtime.request import RequestState
@@ -66,7 +66,7 @@ class LocalExchange:
             )
         )
         if self.error is not None:
-            data = response_for(self.error, close=not keep)
+            data = response_for(self.error, close=not keep, request_id=request_id_field(req))
             req.status = self.error.status
         else:
             reply = self.reply

@@ -33,7 +33,7 @@ from portico.codec.writer import CONTINUE_100, LAST_CHUNK, chunk
 from portico.dataplane import forwarding, outliers
 from portico.dataplane.affinity import cookie_value, hash_key, sticky_cookie_value
 from portico.dataplane.attempts import AttemptsMixin
-from portico.dataplane.exchange import ClientSide, finish
+from portico.dataplane.exchange import ClientSide, finish, request_id_field
 from portico.dataplane.mirror import MirrorCopy, start_mirror
 from portico.dataplane.responses import response_for
 from portico.dataplane.tunnel import U_BODY, U_COLD, U_HEADER, U_NONE, TunnelMixin
@@ -549,7 +549,7 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
             and not self.conn.ctx.closing
             and (self.request_done or self.head.framing == "none")
         )
-        response = response_for(error, close=not keep)
+        response = response_for(error, close=not keep, request_id=request_id_field(self.req))
         # The access log counts body bytes sent, Portico's own error bodies included.
         self.req.sent_bytes = len(response) - response.index(b"\r\n\r\n") - 4
         self.conn.write(response)

@@ -34,7 +34,16 @@ def error_response(status: int, close: bool = True, retry_after: int | None = No
     return b"".join(out) + body
 
 
-def response_for(error: PorticoError, close: bool = True) -> bytes:
-    """The response for any Portico error: its own status, ``Retry-After`` on 503."""
+def response_for(
+    error: PorticoError, close: bool = True, request_id: tuple[bytes, bytes] | None = None
+) -> bytes:
+    """The response for any Portico error: its own status, ``Retry-After`` on 503, and the
+    request ID (header name, value) when the request has one: an error is when a client most
+    needs the ID to find the request in the logs."""
     retry_after = RETRY_AFTER_SECONDS if isinstance(error, NoHealthyEndpoint) else None
-    return error_response(error.status, close, retry_after)
+    data = error_response(error.status, close, retry_after)
+    if request_id is None:
+        return data
+    head, _, body = data.partition(b"\r\n\r\n")
+    name, value = request_id
+    return head + b"\r\n" + name + b": " + value + b"\r\n\r\n" + body

@@ -146,6 +146,8 @@ def compile_route(
         cr.reply = LocalReply(r.status, headers, body)
         if tpl.literal is None:
             cr.reply_body = tpl
+    if request_id is not None:
+        cr.request_id_header = request_id.header.encode("latin-1")
     cr.set_stages(_stages(route, request_id, services))
     return cr
 

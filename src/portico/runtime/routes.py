@@ -185,6 +185,7 @@ class CompiledRoute:
         "regex",
         "reply",
         "reply_body",
+        "request_id_header",
         "request_stages",
         "response_stages",
         "split",
@@ -217,6 +218,7 @@ class CompiledRoute:
         self.max_body: int | None = None
         self.host_header: bytes | None = None  # Host sent upstream, over the upstream's
         self.upgrades: frozenset[bytes] = frozenset((b"websocket",))
+        self.request_id_header: bytes | None = None  # set when request IDs are on
         self.request_stages: tuple[Stage, ...] = ()
         self.response_stages: tuple[Stage, ...] = ()
         self.body_stages: tuple[Stage, ...] = ()
