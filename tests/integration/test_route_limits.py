@@ -161,7 +161,7 @@ def timed(conn: RawConnection, target: str, headers: dict[str, str]) -> tuple[Ra
     return response, time.monotonic() - started
 
 
-# --- timeouts, retries, body size ---------------------------------------------------------------
+# --- timeouts, retries, body size --------------------------------------------------------------- -
 
 
 def test_route_response_header_timeout_overrides_the_upstreams(conn: RawConnection) -> None:
@@ -183,9 +183,8 @@ def test_route_body_idle_timeout_overrides_the_upstreams(proxy: PorticoProcess) 
     assert info.value.partial.endswith(b"\r\n\r\nab")
     assert 0.4 <= took < 3.0
     # Without the route's override the upstream's 30 s apply: still waiting after 1.5 s.
-    with RawConnection(proxy.port, timeout=1.5) as c:
-        with pytest.raises(TimeoutError):
-            c.request("GET", "/stall-default/x")
+    with RawConnection(proxy.port, timeout=1.5) as c, pytest.raises(TimeoutError):
+        c.request("GET", "/stall-default/x")
 
 
 def test_route_retry_overrides_the_upstreams(conn: RawConnection) -> None:
@@ -196,7 +195,7 @@ def test_route_retry_overrides_the_upstreams(conn: RawConnection) -> None:
     assert retried == [200] * 6
 
 
-def test_route_max_body_bytes(proxy: PorticoProcess) -> None:
+def test_route_max_body_bytes(proxy: PorticoProcess, backends: dict[str, RawBackend]) -> None:
     def status(target: str, body: bytes, framing: str = "length") -> int:
         with RawConnection(proxy.port) as c:
             headers = {"Transfer-Encoding": "chunked"} if framing == "chunked" else {}
@@ -204,7 +203,9 @@ def test_route_max_body_bytes(proxy: PorticoProcess) -> None:
             return c.request("POST", target, headers, wire).status
 
     assert status("/small/x", b"x" * ROUTE_MAX_BODY) == 200
-    assert status("/small/x", b"x" * (ROUTE_MAX_BODY + 1)) == 413
+    assert status("/small/too-big", b"x" * (ROUTE_MAX_BODY + 1)) == 413
+    # A declared length over the limit is refused before anything goes upstream.
+    assert not any(b"/small/too-big" in r for r in backends["echo"].received)
     assert status("/small/x", b"x" * (ROUTE_MAX_BODY + 1), "chunked") == 413
     assert status("/small/x", b"x" * ROUTE_MAX_BODY, "chunked") == 200
     assert status("/other", b"x" * 500) == 200  # other routes keep the server's limit
@@ -223,7 +224,7 @@ def test_request_deadline_across_three_hanging_backends(
     assert sum(backends[f"hang{i}"].connections for i in range(3)) - before == 2
 
 
-# --- Upgrade allow-list -----------------------------------------------------------------------------
+# --- Upgrade allow-list ---------------------------------------------------------------------------
 
 H2C = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABkAAQ"}
 
@@ -269,7 +270,7 @@ def test_a_route_may_allow_another_protocol(proxy: PorticoProcess) -> None:
     assert response.status == 101 and echoed == b"echo:hello"
 
 
-# --- request IDs ------------------------------------------------------------------------------------
+# --- request IDs ----------------------------------------------------------------------------------
 
 
 def log_entries(path: Path, markers: list[str]) -> dict[str, dict[str, Any]]:
