@@ -175,9 +175,66 @@ def problems_from(error: ValidationError, data: object) -> list[Problem]:
     string that the schema expanded into a table.
     """
     problems: list[Problem] = []
-    for err in error.errors(include_url=False):
+    for err in _union_branches_dropped(error.errors(include_url=False), data):
         problems.extend(_translate(err, data))
     return problems
+
+
+# Errors saying a value is not of a union member's type: for a union such as
+# ``str | HeaderMatch`` they only mean "the user chose the other member".
+_TYPE_MISMATCH = frozenset(
+    {"string_type", "model_type", "model_attributes_type", "dict_type", "literal_error"}
+)
+
+
+def _union_tag(loc: tuple[str | int, ...], data: object, is_missing: bool) -> int | None:
+    """The index in ``loc`` of a union member's tag (``str``, ``Redirect``, ...): a key
+    that is not in the input where the input is a table (or is not a table at all)."""
+    node = data
+    last = len(loc) - 1
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            if not isinstance(node, list) or not 0 <= part < len(node):
+                return None
+            node = node[part]
+        elif isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif i == last and is_missing:
+            return None  # a required key left out, not a tag
+        else:
+            return i
+    return None
+
+
+def _union_branches_dropped(errors: list[ErrorDetails], data: object) -> list[ErrorDetails]:
+    """pydantic reports a failed union once per member, with the member's tag in the path.
+    Keep the errors of the member the user meant (drop "not a string" when a table was
+    given), and take the tag out of the path."""
+    tagged: list[tuple[ErrorDetails, int | None]] = [
+        (err, _union_tag(err["loc"], data, err["type"] == "missing")) for err in errors
+    ]
+    out: list[ErrorDetails] = []
+    kept: set[int] = set()
+    for err, tag in tagged:
+        if tag is None:
+            out.append(err)
+            continue
+        loc = err["loc"]
+        mismatch = err["type"] in _TYPE_MISMATCH and len(loc) == tag + 1
+        siblings = [
+            e for e, t in tagged if t == tag and e is not err and e["loc"][:tag] == loc[:tag]
+        ]
+        if mismatch and any(
+            not (e["type"] in _TYPE_MISMATCH and len(e["loc"]) == tag + 1) for e in siblings
+        ):
+            continue  # another member has the real problem
+        if mismatch and any(id(e) in kept for e in siblings):
+            continue  # every member mismatched: one report is enough
+        kept.add(id(err))
+        trimmed = dict(err)
+        trimmed["loc"] = (*loc[:tag], *loc[tag + 1 :])
+        out.append(trimmed)  # type: ignore[arg-type]
+    return out
 
 
 def format_path(loc: Sequence[str | int]) -> str:

@@ -67,9 +67,10 @@ def check_template(template: str, captures: frozenset[str]) -> None:
             )
 
 
-def _check_value_bytes(value: str) -> str:
+def _check_value_bytes(value: str, key: str | None = None) -> str:
     if any(c in value for c in "\r\n\0"):
-        raise ValueError("a header value may not contain CR, LF or NUL")
+        # "key: reason" makes the loader report the key's own path.
+        raise ValueError(f"{key + ': ' if key else ''}a header value may not contain CR, LF or NUL")
     return value
 
 
@@ -109,7 +110,7 @@ class HeaderRules(Strict):
     def _pairs(cls, v: dict[str, str]) -> dict[str, str]:
         for name, value in v.items():
             _check_header_name(name)
-            _check_value_bytes(value)
+            _check_value_bytes(value, name)
         return v
 
     @field_validator("remove")
@@ -146,7 +147,7 @@ class Respond(Strict):
     def _pairs(cls, v: dict[str, str]) -> dict[str, str]:
         for name, value in v.items():
             _check_header_name(name)
-            _check_value_bytes(value)
+            _check_value_bytes(value, name)
             if name.lower() in _RESERVED_RESPONSE or name.lower() == "date":
                 raise ValueError(f"{name}: Portico writes this header itself")
         return v
