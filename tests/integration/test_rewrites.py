@@ -234,6 +234,7 @@ def test_the_access_log_shows_the_original_target(
         timeout=5,
         message="the access log line",
     )
+    assert entry is not None
     assert entry["request"] == f"GET /strip/deep/path?{marker} HTTP/1.1"
     assert entry["status"] == 200
     assert REQUEST_ID.match(entry["request_id"])

@@ -284,7 +284,9 @@ def log_entries(path: Path, markers: list[str]) -> dict[str, dict[str, Any]]:
                 found.update({m: entry for m in markers if f"/{m} " in entry["request"]})
         return found if len(found) == len(markers) else None
 
-    return wait_until(find, timeout=5, message=f"access log lines for {markers}")
+    entries = wait_until(find, timeout=5, message=f"access log lines for {markers}")
+    assert entries is not None
+    return entries
 
 
 # (source address, X-Request-ID sent, kept?)
