@@ -534,6 +534,10 @@ def test_a_partial_overlap_is_not_reported() -> None:
                 say("wild", host="*.test"),  # b.test still reaches it
                 say("regex", path_regex="^/a", priority=2),
                 say("prefix", path="/a/b/"),  # cannot be decided from the config: not reported
+            say("ten", path="/n/", clients=["10.0.0.0/8"], priority=1),
+            say("n", path="/n/"),  # other clients still reach it
+            say("hdr", path="/h/", headers={"X-A": "1"}, priority=1),
+            say("h", path="/h/"),  # requests without X-A still reach it
             ]
         )
         == []
