@@ -139,6 +139,7 @@ def proxy(backends: dict[str, RawBackend], log_path: Path) -> Iterator[PorticoPr
             {"path": "/no-retry/", "upstream": "flaky"},
             {"path": "/retry/", "upstream": "flaky", "retry": {"attempts": 2, "on_status": [503]}},
             {"path": "/deadline/", "upstream": "hanging", "timeouts": {"deadline": DEADLINE}},
+            {"path": "/upload/", "upstream": "sleepy", "timeouts": {"deadline": 1.0}},
             {"path": "/small/", "upstream": "echo", "max_body_bytes": ROUTE_MAX_BODY},
             {"path": "/switch/", "upstream": "switches"},
             {"path": "/h2c-allowed/", "upstream": "switches", "upgrades": ["websocket", "h2c"]},
@@ -222,6 +223,21 @@ def test_request_deadline_across_three_hanging_backends(
     assert GENERATED_ID.match(response.header("X-Request-ID") or "")  # errors carry the ID
     # It was retried on a second backend before the deadline cut it short.
     assert sum(backends[f"hang{i}"].connections for i in range(3)) - before == 2
+
+
+def test_the_deadline_starts_when_the_request_body_has_been_sent(proxy: PorticoProcess) -> None:
+    # An upload that takes longer than the deadline (1 s), with pauses shorter than the
+    # upstream's response_header timeout (0.5 s): the backend answers once it has it all.
+    pieces = [b"x" * 100] * 8
+    with RawConnection(proxy.port, timeout=10.0) as c:
+        c.send(b"POST /upload/x HTTP/1.1\r\nHost: t\r\nContent-Length: 800\r\n\r\n")
+        started = time.monotonic()
+        for piece in pieces:
+            time.sleep(0.2)  # the client's pace is what this test is about
+            c.send(piece)
+        response = c.recv_response()
+    assert time.monotonic() - started >= 1.5
+    assert response.status == 200, response.raw
 
 
 # --- Upgrade allow-list ---------------------------------------------------------------------------
