@@ -298,6 +298,19 @@ def test_respond(conn: RawConnection) -> None:
     assert empty.status == 204 and empty.body == b"" and empty.header("Content-Type") is None
 
 
+def test_respond_after_a_request_body_keeps_the_connection_in_step(conn: RawConnection) -> None:
+    # The answer does not wait for the body; the body is still read and dropped, so the next
+    # request on the connection is parsed from the right place.
+    conn.send(b"POST /respond HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+    assert conn.recv_response().status == 403
+    conn.send(b"0123456789GET /strip/next HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert echoed(conn.recv_response())["target"] == "/next"
+    conn.send(b"POST /respond HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    response = conn.recv_response()
+    assert response.status == 403 and response.header("Connection") == "close"
+    assert conn.closed(timeout=2)
+
+
 # --- header rules -------------------------------------------------------------------------------
 
 
