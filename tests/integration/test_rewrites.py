@@ -375,6 +375,10 @@ def test_location_of_a_prefix_stripped_app(conn: RawConnection, app: RawBackend)
     assert app_answer(conn, "/app/", absolute).header("Location") == (
         "http://gw.test:8080/app/login"
     )
+    # An absolute URL built from the Host the app was sent (the client's) gets the prefix.
+    assert app_answer(conn, "/app/", "https://gw.test:8080/login?x").header("Location") == (
+        "https://gw.test:8080/app/login?x"
+    )
     # Another site, and a scheme-relative URL, are left alone.
     for elsewhere in ("https://id.example.org/login", "//cdn.test/x"):
         assert app_answer(conn, "/app/", elsewhere).header("Location") == elsewhere

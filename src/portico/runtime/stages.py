@@ -270,6 +270,10 @@ class PrefixFix(Stage):
             if authority.lower() == req.upstream.encode().lower() and req.host:
                 # The app named its own address: point the client at the gateway instead.
                 return req.scheme + b"://" + req.host + self.client_path(path)
+            if req.host and authority.lower() == req.host.lower():
+                # The app built an absolute URL from the Host it was sent (the client's): the
+                # address is right, the path lacks the prefix.
+                return value[: scheme_end + 3] + authority + self.client_path(path)
         return value
 
     def _cookie(self, value: bytes) -> bytes:
