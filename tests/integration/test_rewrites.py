@@ -337,6 +337,16 @@ def test_request_header_rules_with_templates(conn: RawConnection) -> None:
     assert upstream_headers(response, "X-Debug") == []
 
 
+def test_a_client_cannot_drop_a_set_header_by_naming_it_in_connection(
+    conn: RawConnection,
+) -> None:
+    headers = [("Connection", "X-Replace, X-Multi, X-Other"), ("X-Multi", "hop"), ("X-Other", "o")]
+    response = conn.request("GET", "/hdr/x", headers)
+    assert upstream_headers(response, "X-Replace") == ["new"]
+    assert upstream_headers(response, "X-Multi") == ["added"]  # the client's own is hop-by-hop
+    assert upstream_headers(response, "X-Other") == []
+
+
 def test_response_header_rules_with_templates(conn: RawConnection) -> None:
     response = conn.request("GET", "/hdr/x")
     assert response.header_values("X-Frame-Options") == ["DENY"]

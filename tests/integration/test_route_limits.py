@@ -27,7 +27,13 @@ from tests.support.backends import (
     respond,
 )
 from tests.support.proxy import PorticoProcess
-from tests.support.rawhttp import IncompleteResponse, RawConnection, RawResponse, chunked
+from tests.support.rawhttp import (
+    IncompleteResponse,
+    RawConnection,
+    RawResponse,
+    build_request,
+    chunked,
+)
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -250,8 +256,10 @@ def test_h2c_upgrade_is_stripped(conn: RawConnection) -> None:
     assert response.status == 200
     sent = {k.lower() for k, _ in response.json()["headers"]}
     assert not sent & {"upgrade", "http2-settings", "connection"}
-    # The connection stays plain HTTP.
-    assert conn.request("GET", "/after").json()["target"] == "/after"
+    # The connection stays plain HTTP, also for a request sent right behind the upgrade.
+    conn.send(build_request("GET", "/echo", H2C) + build_request("GET", "/after"))
+    assert conn.recv_response().json()["target"] == "/echo"
+    assert conn.recv_response().json()["target"] == "/after"
 
 
 def test_a_101_to_a_stripped_upgrade_is_refused(

@@ -97,15 +97,24 @@ class HeaderEdit:
 
 
 class RequestHeaders(Stage):
-    __slots__ = ("edit",)
+    __slots__ = ("edit", "written")
     on_request_hook = True
 
     def __init__(self, edit: HeaderEdit) -> None:
         self.edit = edit
+        self.written = frozenset(n.lower() for n, _ in [*edit.set, *edit.add])
 
     def on_request(self, req: RequestState) -> LocalReply | None:
         head = req.head
-        head.headers = self.edit.apply(req, list(head.headers))
+        headers = list(head.headers)
+        tokens = head.connection_tokens
+        hit = tokens & self.written if tokens else None
+        if hit:
+            # A client naming a header in Connection makes it hop-by-hop, which would drop
+            # the value this rule writes: the client's own copies go, the rule's stay.
+            headers = _remove(headers, hit)
+            head.connection_tokens = tokens - hit
+        head.headers = self.edit.apply(req, headers)
         return None
 
 
