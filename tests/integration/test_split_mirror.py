@@ -30,6 +30,7 @@ PIPELINE = 500  # requests written at once; their answers are read before the ne
 MIRROR_MAX = 2
 # Far above any request here: a client that waited for the hanging shadow would show it.
 MIRROR_TIMEOUT = 30.0
+MIRROR_BRIEF = 0.5
 
 
 def named(name: str) -> Handler:
@@ -69,6 +70,12 @@ def hanging_shadow() -> Iterator[RawBackend]:
 
 
 @pytest.fixture(scope="module")
+def slow_shadow() -> Iterator[RawBackend]:
+    with RawBackend(never_respond()) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="module")
 def shadow() -> Iterator[RawBackend]:
     with RawBackend(echo_http()) as backend:
         yield backend
@@ -76,7 +83,11 @@ def shadow() -> Iterator[RawBackend]:
 
 @pytest.fixture(scope="module")
 def proxy(
-    web: RawBackend, canary: RawBackend, hanging_shadow: RawBackend, shadow: RawBackend
+    web: RawBackend,
+    canary: RawBackend,
+    hanging_shadow: RawBackend,
+    slow_shadow: RawBackend,
+    shadow: RawBackend,
 ) -> Iterator[PorticoProcess]:
     def mirrored(name: str, upstream: str, **mirror: Any) -> dict[str, Any]:
         return {
@@ -95,6 +106,7 @@ def proxy(
             "canary": {"backends": [canary.url]},
             "hanging": {"backends": [hanging_shadow.url]},
             "shadow": {"backends": [shadow.url]},
+            "slow": {"backends": [slow_shadow.url]},
             "dead": {"backends": [f"http://127.0.0.1:{free_port()}"]},
         },
         "routes": [
@@ -112,6 +124,7 @@ def proxy(
             {"name": "plain", "path": "/plain/", "upstream": "web"},
             mirrored("hang", "hanging", max_concurrent=MIRROR_MAX, timeout=MIRROR_TIMEOUT),
             mirrored("dead", "dead"),
+            mirrored("brief", "slow", max_concurrent=1, timeout=MIRROR_BRIEF),
             mirrored("copy", "shadow", max_body_bytes=1024),
             mirrored("half", "shadow", percent=50),
         ],
@@ -225,6 +238,23 @@ def test_a_hanging_shadow_neither_delays_the_client_nor_piles_up(
         message="the copies to reach the shadow",
     )
     assert hanging_shadow.connections == MIRROR_MAX
+
+
+def test_a_copy_is_abandoned_after_the_mirror_timeout(
+    proxy: PorticoProcess, slow_shadow: RawBackend
+) -> None:
+    started = time.monotonic()
+    timed_gets(proxy.port, "/brief/x", 3)  # one copy: the bound is 1
+    slow_shadow.wait_for_connections(1)
+    # Once the first copy times out (and its connection is closed) the next one goes out.
+    wait_until(
+        lambda: timed_gets(proxy.port, "/brief/x", 1) and slow_shadow.connections >= 2,
+        timeout=5,
+        interval=0.1,
+        message="a second copy after the first timed out",
+    )
+    assert time.monotonic() - started >= MIRROR_BRIEF
+    assert slow_shadow.records[0].peer_closed
 
 
 def test_an_unreachable_shadow_does_not_fail_the_client(proxy: PorticoProcess) -> None:
