@@ -449,6 +449,11 @@ def problems(routes: list[dict[str, Any]], **top: Any) -> list[tuple[str, str]]:
             "strip_prefix '/other' is not a prefix",
         ),
         ({"redirect": {"to": "/x", "status": 300}}, "routes[0].redirect.status", "must be 301"),
+        (
+            {"respond": {"status": 204, "body": "x"}},
+            "routes[0].respond.body",
+            "a 204 answer has no body",
+        ),
     ],
 )
 def test_bad_routes_are_refused_with_the_key_path(

@@ -157,6 +157,12 @@ class Respond(Strict):
     def _ctype(cls, v: str) -> str:
         return _check_value_bytes(v)
 
+    @model_validator(mode="after")
+    def _bodiless(self) -> Respond:
+        if self.status in (204, 304) and self.body:
+            raise ValueError(f"body: a {self.status} answer has no body")
+        return self
+
 
 class Rewrite(Strict):
     regex: str = Field(description="applied to the path (no query); first match is replaced")

@@ -31,11 +31,13 @@ class LocalReply:
     def encode(self, close: bool, head_only: bool = False) -> bytes:
         out = [status_line(self.status, REASONS.get(self.status, b"Unknown"))]
         out += [n + b": " + v + b"\r\n" for n, v in self.headers]
-        out.append(b"Content-Length: %d\r\n" % len(self.body))
+        bodiless = self.status in (204, 304)  # RFC 9110 8.6: no Content-Length, no body
+        if not bodiless:
+            out.append(b"Content-Length: %d\r\n" % len(self.body))
         if close:
             out.append(b"Connection: close\r\n")
         out.append(b"\r\n")
-        if not head_only:
+        if not head_only and not bodiless:
             out.append(self.body)
         return b"".join(out)
 
