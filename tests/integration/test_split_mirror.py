@@ -226,10 +226,10 @@ def test_a_hanging_shadow_neither_delays_the_client_nor_piles_up(
 ) -> None:
     baseline = timed_gets(proxy.port, "/plain/x", 20)
     mirrored = timed_gets(proxy.port, "/hang/x", 20)
-    # The shadow never answers and keeps its copies for MIRROR_TIMEOUT: had the client
-    # waited for any of them, one request would take that long.
-    assert max(mirrored) < max(baseline) + 0.5, (baseline, mirrored)
-    assert sum(mirrored) < 5.0
+    # The shadow never answers and keeps its copies for MIRROR_TIMEOUT (30 s): had the client
+    # waited for any of them, one request would take that long. The slack is for a loaded host.
+    assert max(mirrored) < max(baseline) + 2.0, (baseline, mirrored)
+    assert sum(mirrored) < 10.0
     hanging_shadow.wait_for_connections(MIRROR_MAX)
     # More requests while the first copies hang: none is copied beyond the bound.
     timed_gets(proxy.port, "/hang/x", 10)
