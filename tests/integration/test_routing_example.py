@@ -108,6 +108,26 @@ def test_the_example_passes_check_as_written(tmp_path: Path) -> None:
     assert result.stdout.splitlines()[0] == f"{path}: ok"
 
 
+def test_check_warns_about_a_shadowed_route(tmp_path: Path) -> None:
+    path = tmp_path / "shadow.toml"
+    path.write_text(
+        EXAMPLE
+        + '\n[[routes]]\npath = "/"\nupstream = "web"\n'  # the split already takes all of "/"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "portico", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr  # a warning, not an error
+    assert result.stderr.splitlines() == [
+        "warning: routes[5]: never matched: routes[4] (*/ -> web 90 / canary 10) comes first "
+        "and matches all it does"
+    ]
+
+
 def test_the_example_behaves_as_its_comments_say(
     portico: PorticoFactory, backends: dict[int, RawBackend]
 ) -> None:
