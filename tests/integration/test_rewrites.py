@@ -2,8 +2,9 @@
 
 ``echo_http`` shows exactly what the upstream received (target, headers); ``app`` is a raw
 backend playing an application that knows nothing of the prefix it is mounted under: it answers
-with whatever ``Location`` and ``Set-Cookie`` headers the request asks for (``X-Want-Location``,
-``X-Want-Cookie``), so each test states the app's answer and checks what the client got.
+with whatever ``Location``, ``Set-Cookie`` and other headers the request asks for
+(``X-Want-Location``, ``X-Want-Cookie``, ``X-Want-Header: Name: value``), so each test states
+the app's answer and checks what the client got.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ async def app_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         fields = [("Content-Length", "0"), ("X-App-Target", request.target)]
         fields += [("Location", v) for k, v in request.headers if k.lower() == "x-want-location"]
         fields += [("Set-Cookie", v) for k, v in request.headers if k.lower() == "x-want-cookie"]
+        for k, v in request.headers:
+            if k.lower() == "x-want-header":
+                name, _, value = v.partition(": ")
+                fields.append((name, value))
         head = "HTTP/1.1 302 Found\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields)
         writer.write((head + "\r\n").encode("latin-1"))
         await writer.drain()
@@ -156,6 +161,12 @@ def routes() -> list[dict[str, Any]]:
             "strip_prefix": "/app2",
             "add_prefix": "/base",
             "upstream": "app",
+        },
+        {
+            "name": "app-rules",
+            "path": "/app-rules/",
+            "upstream": "app",
+            "response_headers": {"set": {"X-Frame-Options": "DENY"}},
         },
         {
             "name": "raw",
@@ -348,6 +359,19 @@ def test_a_client_cannot_drop_a_set_header_by_naming_it_in_connection(
     assert upstream_headers(response, "X-Replace") == ["new"]
     assert upstream_headers(response, "X-Multi") == ["added"]  # the client's own is hop-by-hop
     assert upstream_headers(response, "X-Other") == []
+
+
+def test_a_backend_cannot_drop_a_set_header_by_naming_it_in_connection(
+    conn: RawConnection,
+) -> None:
+    wanted = [
+        ("X-Want-Header", "Connection: X-Frame-Options, X-Hop"),
+        ("X-Want-Header", "X-Frame-Options: SAMEORIGIN"),
+        ("X-Want-Header", "X-Hop: 1"),
+    ]
+    response = conn.request("GET", "/app-rules/x", wanted)
+    assert response.header_values("X-Frame-Options") == ["DENY"]
+    assert response.header("X-Hop") is None  # still hop-by-hop
 
 
 def test_response_header_rules_with_templates(conn: RawConnection) -> None:

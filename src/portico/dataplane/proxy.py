@@ -397,8 +397,16 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
             req.set_cookie = sticky_cookie_value(
                 service.sticky_cookie, service.sticky.value_for(endpoint), service.sticky_max_age
             )
-        for stage in route.response_stages:
-            stage.on_response(req, status, resp.headers)
+        stages = route.response_stages
+        if stages:
+            tokens = resp.connection_tokens
+            if tokens:
+                # Fields the backend named in Connection are hop-by-hop: drop them before the
+                # stages run, or a header a rule sets would be dropped with them.
+                resp.headers = [(n, v) for n, v in resp.headers if n.lower() not in tokens]
+                resp.connection_tokens = frozenset()
+            for stage in stages:
+                stage.on_response(req, status, resp.headers)
         if route.body_stages and framing != "none":
             filters = [
                 f
