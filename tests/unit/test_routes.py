@@ -55,14 +55,21 @@ def state(
         expect_continue=False,
         upgrade=False,
     )
-    trust_net = ipaddress.ip_network("10.0.0.0/8")
-
-    def trusts(ip: str) -> bool:
-        return ipaddress.ip_address(ip) in trust_net
-
     return RequestState(
-        head, head.target, head.host, peer, trusted, b"http", 0.0, trusts if trusted else None
+        head, head.target, head.host, peer, trusted, b"http", 0.0, TRUST if trusted else None
     )
+
+
+class TrustedNetwork:
+    """The forwarding policy as ``RequestState`` sees it: 10.0.0.0/8 are trusted proxies."""
+
+    network = ipaddress.ip_network("10.0.0.0/8")
+
+    def trusts(self, ip: str) -> bool:
+        return ipaddress.ip_address(ip) in self.network
+
+
+TRUST = TrustedNetwork()
 
 
 def matched(router: Router, req: RequestState) -> str | None:
@@ -539,10 +546,10 @@ def test_a_partial_overlap_is_not_reported() -> None:
                 say("wild", host="*.test"),  # b.test still reaches it
                 say("regex", path_regex="^/a", priority=2),
                 say("prefix", path="/a/b/"),  # cannot be decided from the config: not reported
-            say("ten", path="/n/", clients=["10.0.0.0/8"], priority=1),
-            say("n", path="/n/"),  # other clients still reach it
-            say("hdr", path="/h/", headers={"X-A": "1"}, priority=1),
-            say("h", path="/h/"),  # requests without X-A still reach it
+                say("ten", path="/n/", clients=["10.0.0.0/8"], priority=1),
+                say("n", path="/n/"),  # other clients still reach it
+                say("hdr", path="/h/", headers={"X-A": "1"}, priority=1),
+                say("h", path="/h/"),  # requests without X-A still reach it
             ]
         )
         == []
