@@ -287,9 +287,11 @@ def test_redirects(
 
 
 def test_https_redirect_shortcut(conn: RawConnection) -> None:
-    response = conn.request("GET", "/a/b?c=d", host="secure.test:8080")
-    assert response.status == 301
-    assert response.header("Location") == "https://secure.test/a/b?c=d"
+    # 308 keeps the method: a POST sent over plain HTTP is not turned into a GET.
+    for method in ("GET", "POST"):
+        response = conn.request(method, "/a/b?c=d", host="secure.test:8080")
+        assert response.status == 308
+        assert response.header("Location") == "https://secure.test/a/b?c=d"
 
 
 # --- fixed answers ------------------------------------------------------------------------------

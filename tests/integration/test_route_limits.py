@@ -352,6 +352,13 @@ def test_request_id_on_local_answers(conn: RawConnection) -> None:
     assert GENERATED_ID.match(response.header("X-Request-ID") or "")
 
 
+def test_request_id_on_answers_before_any_route(conn: RawConnection) -> None:
+    # 400 for a path above the root is decided before routing: the global stage names it.
+    response = conn.request("GET", "/%2e%2e/x")
+    assert response.status == 400
+    assert GENERATED_ID.match(response.header("X-Request-ID") or "")
+
+
 def test_request_id_header_name_is_configurable(
     portico: PorticoFactory, backends: dict[str, RawBackend]
 ) -> None:

@@ -254,7 +254,7 @@ class Route(Strict):
     request_headers: HeaderRules | None = None
     response_headers: HeaderRules | None = None
     rewrite_location: bool | None = Field(
-        None, description="fix Location/Refresh of a prefix-changed app; default on with prefixes"
+        None, description="fix Location of a prefix-changed app; default on with prefixes"
     )
     cookie_path: bool | None = Field(
         None, description="fix Set-Cookie Path of a prefix-changed app; default on with prefixes"

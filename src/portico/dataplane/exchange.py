@@ -81,11 +81,15 @@ LocalFactory = Callable[
 
 def request_id_field(req: RequestState) -> tuple[bytes, bytes] | None:
     """The request ID header for a response Portico writes itself (an error), if any."""
-    route = req.route
     rid = req.request_id
-    if route is None or rid is None or route.request_id_header is None:
+    if rid is None:
         return None
-    return route.request_id_header, rid
+    route = req.route
+    if route is not None and route.request_id_header is not None:
+        return route.request_id_header, rid
+    # Answered before a route matched: the global stage made the ID, under its own name.
+    stage = req.id_stage
+    return (stage.name, rid) if stage is not None else None
 
 
 def finish(conn: ClientSide, req: RequestState) -> None:

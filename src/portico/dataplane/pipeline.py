@@ -83,6 +83,12 @@ def _local(
     reply: LocalReply | None = None,
     error: PorticoError | None = None,
 ) -> Handler:
+    if route is None and req.request_id is None:
+        # Answered before any route: the global request-ID stage still names the request.
+        stage = conn.ctx.snapshot.router.request_id
+        if stage is not None:
+            stage.on_request(req)
+            req.id_stage = stage
     return conn.ctx.local(conn, req, route, reply, error)
 
 

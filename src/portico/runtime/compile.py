@@ -133,7 +133,8 @@ def compile_route(
         cr.redirect_status = route.redirect.status
     elif route.redirect == "https":
         cr.redirect_to = Template("https://{hostname}{path}{query}")
-        cr.redirect_status = 308 if route.methods and set(route.methods) - {"GET", "HEAD"} else 301
+        # 308, not 301: a POST must stay a POST (Caddy and Traefik redirect schemes alike).
+        cr.redirect_status = 308
     if route.respond is not None:
         r = route.respond
         # The body is a template like every other (the schema checks its names); one without
@@ -195,7 +196,7 @@ def compile_routes(config: Config, services: Mapping[str, Service]) -> Router:
     routes = [
         compile_route(r, i, services, rid) for i, r in enumerate(config.effective_routes())
     ]
-    return Router(routes)
+    return Router(routes, RequestId(rid.header) if rid is not None else None)
 
 
 def shadowed(config: Config) -> list[str]:

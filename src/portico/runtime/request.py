@@ -17,6 +17,7 @@ from portico.codec.events import RequestHead
 
 if TYPE_CHECKING:
     from portico.runtime.routes import CompiledRoute
+    from portico.runtime.stages import RequestId as RequestIdStage
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -36,6 +37,7 @@ class RequestState:
         "client_port",
         "head",
         "host",
+        "id_stage",
         "path",
         "peer_ip",
         "peer_trusted",
@@ -77,6 +79,7 @@ class RequestState:
         self.route: CompiledRoute | None = None
         self.captures: dict[str, str] | None = None
         self.request_id: bytes | None = None
+        self.id_stage: RequestIdStage | None = None  # the global one, before any route
         self.status = 0
         self.sent_bytes = 0
         self.upstream: str | None = None  # label of the endpoint that answered

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 
 from portico.codec.events import RequestHead
 from portico.runtime.request import RequestState, Template
-from portico.runtime.stages import LocalReply, Stage, hooks
+from portico.runtime.stages import LocalReply, RequestId, Stage, hooks
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -315,9 +315,19 @@ class PathIndex:
 class Router:
     """Finds the route for a request. Built once per config; read-only afterwards."""
 
-    __slots__ = ("any_host", "by_host", "by_suffix", "only", "routes", "suffix_lengths")
+    __slots__ = (
+        "any_host",
+        "by_host",
+        "by_suffix",
+        "only",
+        "request_id",
+        "routes",
+        "suffix_lengths",
+    )
 
-    def __init__(self, routes: list[CompiledRoute]) -> None:
+    def __init__(self, routes: list[CompiledRoute], request_id: RequestId | None = None) -> None:
+        # The request-ID stage for answers given before a route matched (404, 400).
+        self.request_id = request_id
         routes.sort(key=CompiledRoute.specificity)
         for rank, route in enumerate(routes):
             route.rank = rank
