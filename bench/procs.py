@@ -44,11 +44,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
-def http_get_size(port: int, path: str) -> int | None:
-    """Body length of a 200 answer to GET path, or None on any other outcome."""
+def http_get_size(port: int, path: str, host: str | None = None) -> int | None:
+    """Body length of a 200 answer to GET path (with this Host, if given), or None on any
+    other outcome."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers={"Host": host} if host else {})
         response = conn.getresponse()
         body = response.read()
         return len(body) if response.status == 200 else None
@@ -85,12 +86,12 @@ class Service:
                 f"{self.log_tail()}"
             )
 
-    def wait_ready(self, port: int, expect: dict[str, int]) -> None:
+    def wait_ready(self, port: int, expect: dict[str, int], host: str | None = None) -> None:
         """Wait until every path in `expect` answers 200 with exactly the expected length."""
 
         def ready() -> bool:
             self.check_alive()
-            return all(http_get_size(port, path) == size for path, size in expect.items())
+            return all(http_get_size(port, path, host) == size for path, size in expect.items())
 
         what = f"{self.name} to serve {sorted(expect)} with status 200 on :{port}"
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wrk import WrkResult
 
@@ -16,6 +16,8 @@ MIB = 1024 * 1024
 MIN_RPS_RATIO = {"small": 0.35, "large": 0.6}
 MAX_P99_RATIO = 3.0
 MAX_RSS_MIB = 60.0
+# Issue 8: a large route table may cost at most 10% of the single route's req/s.
+MIN_ROUTES_RATIO = 0.9
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,32 @@ class Measurements:
     results: dict[tuple[str, str], WrkResult]
     # target -> (RSS bytes, process count) after the runs; only for proxies.
     rss: dict[str, tuple[int, int]]
+    # The routes case (--routes): per round, route-table target -> small-body result, the
+    # single-route baseline first.
+    route_rounds: list[dict[str, WrkResult]] = field(default_factory=list)
+
+
+def route_medians(m: Measurements) -> dict[str, WrkResult]:
+    """Each route target's median round by req/s (the upper median for an even count)."""
+    if not m.route_rounds:
+        return {}
+    out = {}
+    for target in m.route_rounds[0]:
+        runs = sorted((r[target] for r in m.route_rounds), key=lambda w: w.requests_per_s)
+        out[target] = runs[len(runs) // 2]
+    return out
+
+
+def route_ratios(m: Measurements) -> dict[str, tuple[float, float]]:
+    """target -> (req/s, p99) of its median round over the baseline's (the first target)."""
+    medians = route_medians(m)
+    if not medians:
+        return {}
+    base = next(iter(medians.values()))
+    return {
+        target: (r.requests_per_s / base.requests_per_s, r.p99_ms / base.p99_ms)
+        for target, r in medians.items()
+    }
 
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -76,6 +104,11 @@ def checks(m: Measurements) -> list[Check]:
         for body in BODIES
     ]
     out.append(Check("Portico RSS MiB", rss_mib(m, PORTICO), "<", MAX_RSS_MIB))
+    ratios = list(route_ratios(m).items())
+    out += [
+        Check(f"small req/s {target}/{ratios[0][0]}", rps, ">=", MIN_ROUTES_RATIO)
+        for target, (rps, _) in ratios[1:]
+    ]
     return out
 
 
@@ -122,6 +155,47 @@ def ratio_rows(m: Measurements) -> list[tuple[str, ...]]:
 
 RATIO_HEADER = ("body", "req/s Portico/nginx", "req/s Portico/direct", "p99 Portico/nginx")
 
+ROUTES_HEADER = ("route table (small body)", "req/s", "p50", "p99", "errors", "req/s ratio",
+                 "p99 ratio")
+
+
+def routes_rows(m: Measurements) -> list[tuple[str, ...]]:
+    """Median rounds, with ratios to the single route."""
+    ratios = route_ratios(m)
+    return [
+        (
+            target,
+            f"{r.requests_per_s:,.0f}",
+            fmt_ms(r.p50_ms),
+            fmt_ms(r.p99_ms),
+            str(r.errors),
+            f"{ratios[target][0]:.3f}",
+            f"{ratios[target][1]:.2f}x",
+        )
+        for target, r in route_medians(m).items()
+    ]
+
+
+def rounds_header(m: Measurements) -> tuple[str, ...]:
+    return ("round", *(f"{t} req/s" for t in m.route_rounds[0])) if m.route_rounds else ()
+
+
+def rounds_rows(m: Measurements) -> list[tuple[str, ...]]:
+    """Every round, so the noise the medians hide can be seen."""
+    rows = []
+    for n, results in enumerate(m.route_rounds, 1):
+        base = next(iter(results.values())).requests_per_s
+        rows.append(
+            (
+                str(n),
+                *(
+                    f"{r.requests_per_s:,.0f} ({r.requests_per_s / base:.2f})"
+                    for r in results.values()
+                ),
+            )
+        )
+    return rows
+
 
 def _rss_lines(m: Measurements) -> list[str]:
     return [
@@ -144,7 +218,11 @@ def _text_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int)
 
 def text(m: Measurements) -> str:
     lines = _text_table(HEADER, table_rows(m), left=2)
-    lines += ["", *_text_table(RATIO_HEADER, ratio_rows(m), left=1), "", *_rss_lines(m), ""]
+    lines += ["", *_text_table(RATIO_HEADER, ratio_rows(m), left=1), ""]
+    if m.route_rounds:
+        lines += [*_text_table(ROUTES_HEADER, routes_rows(m), left=1), ""]
+        lines += [*_text_table(rounds_header(m), rounds_rows(m), left=1), ""]
+    lines += [*_rss_lines(m), ""]
     lines += ["Goals:", *(f"  {c.line()}" for c in checks(m))]
     return "\n".join(lines)
 
@@ -166,6 +244,17 @@ def markdown(m: Measurements, *, command: str, date: str, machine: str) -> str:
         "",
         *_md_table(RATIO_HEADER, ratio_rows(m), left=1),
         "",
+    ]
+    if m.route_rounds:
+        lines += [
+            f"Route tables: median of {len(m.route_rounds)} rounds; ratios to the single route.",
+            "",
+            *_md_table(ROUTES_HEADER, routes_rows(m), left=1),
+            "",
+            *_md_table(rounds_header(m), rounds_rows(m), left=1),
+            "",
+        ]
+    lines += [
         *(f"- {line}" for line in _rss_lines(m)),
         "",
         "Goals:",

@@ -53,10 +53,20 @@ def parse(text: str) -> WrkResult:
     )
 
 
-def run(url: str, *, duration_s: int, connections: int, threads: int, cpu: int) -> WrkResult:
+def run(
+    url: str,
+    *,
+    duration_s: int,
+    connections: int,
+    threads: int,
+    cpu: int,
+    host: str | None = None,
+) -> WrkResult:
+    """One wrk run; `host` replaces the Host header wrk derives from the URL."""
+    extra = ["-H", f"Host: {host}"] if host else []
     argv = pinned(
         cpu,
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency", url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency", *extra, url],
     )
     # On timeout or Ctrl-C, subprocess.run kills wrk (by its PID) before re-raising.
     done = subprocess.run(
