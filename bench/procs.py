@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import os
 import socket
 import subprocess
 import time
@@ -147,3 +148,21 @@ def rss_bytes(pid: int) -> tuple[int, int]:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1]) * 1024  # the kernel reports kB
     return total, len(pids)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of pid and its descendants so far, from /proc/PID/stat.
+
+    CPU time per request is what a proxy costs whatever else the machine runs; req/s also
+    depends on how much of its core the neighbours left it.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    total = 0
+    for each in pids:
+        stat = Path(f"/proc/{each}/stat").read_text()
+        # Fields after the command name (which may hold spaces) start at "state" (field 3);
+        # utime and stime are fields 14 and 15.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks

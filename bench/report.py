@@ -18,6 +18,20 @@ MAX_P99_RATIO = 3.0
 MAX_RSS_MIB = 60.0
 # Issue 8: a large route table may cost at most 10% of the single route's req/s.
 MIN_ROUTES_RATIO = 0.9
+# The same budget in CPU time per request, the figure that holds on a loaded machine.
+MAX_ROUTES_CPU_RATIO = 1.11  # 1 / MIN_ROUTES_RATIO, rounded
+
+
+@dataclass(frozen=True)
+class RouteRun:
+    """One measured run of a route-table target: wrk's view and the proxy's CPU time."""
+
+    wrk: WrkResult
+    cpu_s: float  # user + system CPU seconds the proxy used during the measured run
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_s / max(self.wrk.requests, 1) * 1e6
 
 
 @dataclass(frozen=True)
@@ -26,31 +40,45 @@ class Measurements:
     results: dict[tuple[str, str], WrkResult]
     # target -> (RSS bytes, process count) after the runs; only for proxies.
     rss: dict[str, tuple[int, int]]
-    # The routes case (--routes): per round, route-table target -> small-body result, the
+    # The routes case (--routes): per round, route-table target -> small-body run, the
     # single-route baseline first.
-    route_rounds: list[dict[str, WrkResult]] = field(default_factory=list)
+    route_rounds: list[dict[str, RouteRun]] = field(default_factory=list)
 
 
-def route_medians(m: Measurements) -> dict[str, WrkResult]:
-    """Each route target's median round by req/s (the upper median for an even count)."""
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+@dataclass(frozen=True)
+class RouteSummary:
+    """A route-table target over all rounds: medians, and ratios to the baseline's medians."""
+
+    rps: float
+    p99_ms: float
+    cpu_us: float
+    errors: int  # summed over rounds
+    rps_ratio: float
+    cpu_ratio: float
+
+
+def route_summaries(m: Measurements) -> dict[str, RouteSummary]:
     if not m.route_rounds:
         return {}
-    out = {}
-    for target in m.route_rounds[0]:
-        runs = sorted((r[target] for r in m.route_rounds), key=lambda w: w.requests_per_s)
-        out[target] = runs[len(runs) // 2]
-    return out
-
-
-def route_ratios(m: Measurements) -> dict[str, tuple[float, float]]:
-    """target -> (req/s, p99) of its median round over the baseline's (the first target)."""
-    medians = route_medians(m)
-    if not medians:
-        return {}
-    base = next(iter(medians.values()))
+    medians = {
+        target: (
+            _median([r[target].wrk.requests_per_s for r in m.route_rounds]),
+            _median([r[target].wrk.p99_ms for r in m.route_rounds]),
+            _median([r[target].cpu_us_per_request for r in m.route_rounds]),
+            sum(r[target].wrk.errors for r in m.route_rounds),
+        )
+        for target in m.route_rounds[0]
+    }
+    base_rps, _, base_cpu, _ = next(iter(medians.values()))
     return {
-        target: (r.requests_per_s / base.requests_per_s, r.p99_ms / base.p99_ms)
-        for target, r in medians.items()
+        target: RouteSummary(rps, p99, cpu, errors, rps / base_rps, cpu / base_cpu)
+        for target, (rps, p99, cpu, errors) in medians.items()
     }
 
 
@@ -104,11 +132,21 @@ def checks(m: Measurements) -> list[Check]:
         for body in BODIES
     ]
     out.append(Check("Portico RSS MiB", rss_mib(m, PORTICO), "<", MAX_RSS_MIB))
-    ratios = list(route_ratios(m).items())
-    out += [
-        Check(f"small req/s {target}/{ratios[0][0]}", rps, ">=", MIN_ROUTES_RATIO)
-        for target, (rps, _) in ratios[1:]
-    ]
+    summaries = list(route_summaries(m).items())
+    if summaries:
+        base = summaries[0][0]
+        for target, summary in summaries[1:]:
+            out.append(
+                Check(f"small req/s {target}/{base}", summary.rps_ratio, ">=", MIN_ROUTES_RATIO)
+            )
+            out.append(
+                Check(
+                    f"small CPU/request {target}/{base}",
+                    summary.cpu_ratio,
+                    "<=",
+                    MAX_ROUTES_CPU_RATIO,
+                )
+            )
     return out
 
 
@@ -155,46 +193,50 @@ def ratio_rows(m: Measurements) -> list[tuple[str, ...]]:
 
 RATIO_HEADER = ("body", "req/s Portico/nginx", "req/s Portico/direct", "p99 Portico/nginx")
 
-ROUTES_HEADER = ("route table (small body)", "req/s", "p50", "p99", "errors", "req/s ratio",
-                 "p99 ratio")
+ROUTES_HEADER = (
+    "route table (small body)",
+    "req/s",
+    "p99",
+    "CPU/request",
+    "errors",
+    "req/s ratio",
+    "CPU/request ratio",
+)
 
 
 def routes_rows(m: Measurements) -> list[tuple[str, ...]]:
-    """Median rounds, with ratios to the single route."""
-    ratios = route_ratios(m)
+    """Medians over the rounds, with ratios to the single route's medians."""
     return [
         (
             target,
-            f"{r.requests_per_s:,.0f}",
-            fmt_ms(r.p50_ms),
-            fmt_ms(r.p99_ms),
-            str(r.errors),
-            f"{ratios[target][0]:.3f}",
-            f"{ratios[target][1]:.2f}x",
+            f"{s.rps:,.0f}",
+            fmt_ms(s.p99_ms),
+            f"{s.cpu_us:.1f} us",
+            str(s.errors),
+            f"{s.rps_ratio:.3f}",
+            f"{s.cpu_ratio:.3f}",
         )
-        for target, r in route_medians(m).items()
+        for target, s in route_summaries(m).items()
     ]
 
 
 def rounds_header(m: Measurements) -> tuple[str, ...]:
-    return ("round", *(f"{t} req/s" for t in m.route_rounds[0])) if m.route_rounds else ()
+    targets = list(m.route_rounds[0]) if m.route_rounds else []
+    return ("round", *(f"{t} req/s, CPU/request" for t in targets))
 
 
 def rounds_rows(m: Measurements) -> list[tuple[str, ...]]:
     """Every round, so the noise the medians hide can be seen."""
-    rows = []
-    for n, results in enumerate(m.route_rounds, 1):
-        base = next(iter(results.values())).requests_per_s
-        rows.append(
-            (
-                str(n),
-                *(
-                    f"{r.requests_per_s:,.0f} ({r.requests_per_s / base:.2f})"
-                    for r in results.values()
-                ),
-            )
+    return [
+        (
+            str(n),
+            *(
+                f"{r.wrk.requests_per_s:,.0f}, {r.cpu_us_per_request:.1f} us"
+                for r in runs.values()
+            ),
         )
-    return rows
+        for n, runs in enumerate(m.route_rounds, 1)
+    ]
 
 
 def _rss_lines(m: Measurements) -> list[str]:

@@ -252,10 +252,11 @@ def measure_routes(
     backend_port: int,
     up: Callable[[procs.Service, int, dict[str, int], str | None], procs.Service],
     services: list[procs.Service],
-) -> list[dict[str, wrk.WrkResult]]:
+) -> list[dict[str, report.RouteRun]]:
     """The small body through one Portico per route table, in rounds that visit every case in
     turn, so a neighbour's burst on the shared machine lands on one round, not one case."""
     ports: dict[str, int] = {}
+    pids: dict[str, int] = {}
     cases = routes.cases()
     for case in cases:
         port = ports[case.target] = procs.free_port()
@@ -264,11 +265,13 @@ def measure_routes(
         argv = procs.pinned(PROXY_CPU, portico_serve_command(config_path))
         log = tmp / f"{case.target}.log"
         # A route table answers only its own requests: check the one wrk will send.
-        up(procs.start(case.target, argv, log), port, {case.path: nginx.SMALL_SIZE}, case.host)
-    rounds: list[dict[str, wrk.WrkResult]] = []
+        service = procs.start(case.target, argv, log)
+        up(service, port, {case.path: nginx.SMALL_SIZE}, case.host)
+        pids[case.target] = service.pid
+    rounds: list[dict[str, report.RouteRun]] = []
     load = {"connections": args.connections, "threads": args.threads, "cpu": LOAD_CPU}
     for n in range(1, args.route_rounds + 1):
-        this_round: dict[str, wrk.WrkResult] = {}
+        this_round: dict[str, report.RouteRun] = {}
         for case in cases:
             url = f"http://127.0.0.1:{ports[case.target]}{case.path}"
             label = f"{case.target} round {n}"
@@ -276,13 +279,17 @@ def measure_routes(
                 progress(f"{label}: warm-up {args.warmup}s")
                 wrk.run(url, duration_s=args.warmup, host=case.host, **load)
             progress(f"{label}: measuring {args.duration}s")
-            this_round[case.target] = result = wrk.run(
-                url, duration_s=args.duration, host=case.host, **load
+            pid = pids[case.target]
+            cpu_before = procs.cpu_seconds(pid)
+            result = wrk.run(url, duration_s=args.duration, host=case.host, **load)
+            run = this_round[case.target] = report.RouteRun(
+                result, procs.cpu_seconds(pid) - cpu_before
             )
             for service in services:
                 service.check_alive()
             progress(
                 f"{label}: {result.requests_per_s:,.0f} req/s, "
+                f"{run.cpu_us_per_request:.1f} us CPU/request, "
                 f"p99 {report.fmt_ms(result.p99_ms)}, {result.errors} errors"
             )
         rounds.append(this_round)

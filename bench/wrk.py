@@ -14,6 +14,7 @@ WRK_GRACE_S = 30
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 _NUMBER_UNIT = r"([\d.]+)(us|ms|s|m|h)"
 _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_REQUESTS = re.compile(r"^\s*(\d+) requests in ", re.M)
 _P50 = re.compile(rf"^\s+50%\s+{_NUMBER_UNIT}\s*$", re.M)
 _P99 = re.compile(rf"^\s+99%\s+{_NUMBER_UNIT}\s*$", re.M)
 _SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
@@ -27,6 +28,7 @@ class WrkResult:
     p99_ms: float
     # Socket errors (connect, read, write, timeout) plus non-2xx/3xx answers.
     errors: int
+    requests: int = 0  # completed in the measured run
 
 
 def _latency_ms(pattern: re.Pattern[str], text: str, label: str) -> float:
@@ -45,7 +47,9 @@ def parse(text: str) -> WrkResult:
         errors += sum(int(n) for n in socket_errors.groups())
     if non_2xx := _NON_2XX.search(text):
         errors += int(non_2xx.group(1))
+    requests = _REQUESTS.search(text)
     return WrkResult(
+        requests=int(requests.group(1)) if requests else 0,
         requests_per_s=float(rps.group(1)),
         p50_ms=_latency_ms(_P50, text, "50%"),
         p99_ms=_latency_ms(_P99, text, "99%"),
