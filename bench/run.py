@@ -307,6 +307,11 @@ def machine_description() -> str:
     return f"nproc {nproc}, {model}, Linux {platform.release()}"
 
 
+def load_description(before: float) -> str:
+    """The 1-minute load average before and after the runs: how shared the machine was."""
+    return f"load average {before:.1f} before the runs, {os.getloadavg()[0]:.1f} after"
+
+
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the ExitStack, which stops everything
 
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print("rerun with --skip-portico to measure direct and nginx only", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    load_before = os.getloadavg()[0]
 
     try:
         with (
@@ -338,13 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     print(report.text(measurements))
+    print(load_description(load_before))
     if args.out is not None:
         args.out.write_text(
             report.markdown(
                 measurements,
                 command="python " + shlex.join(sys.argv),
                 date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                machine=machine_description(),
+                machine=f"{machine_description()}; {load_description(load_before)}",
             )
         )
         progress(f"wrote {args.out}")
