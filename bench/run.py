@@ -8,8 +8,8 @@ Layout on a 2-core machine: each proxy on core 0; wrk and the backend on core 1.
 size (100 B, 1 MiB) wrk hits the backend directly, Portico and the nginx proxy, after a short
 warm-up. With --health-checks, Portico runs from a generated config file with active health
 checks on (`portico serve`), to compare with a plain run. With --routes, three more Portico
-processes (one catch-all route, 1,000 host routes, 1,000 path routes) get the small body in
-alternating rounds, compared with the single route. Everything listens on 127.0.0.1 on
+processes (one catch-all route, 1,000 host routes, 1,000 path routes) get the small body at
+the same time, in rounds, compared with the single route. Everything listens on 127.0.0.1 on
 kernel-picked ports and every process started here is stopped here, by PID, including on Ctrl-C
 or an error. See bench/README.md.
 
@@ -253,8 +253,9 @@ def measure_routes(
     up: Callable[[procs.Service, int, dict[str, int], str | None], procs.Service],
     services: list[procs.Service],
 ) -> list[dict[str, report.RouteRun]]:
-    """The small body through one Portico per route table, in rounds that visit every case in
-    turn, so a neighbour's burst on the shared machine lands on one round, not one case."""
+    """The small body through one Portico per route table. The three are loaded at the same
+    time (one wrk each), sharing core 0, so whatever else the machine runs slows all three
+    alike and their ratios hold; rounds give medians."""
     ports: dict[str, int] = {}
     pids: dict[str, int] = {}
     cases = routes.cases()
@@ -270,27 +271,27 @@ def measure_routes(
         pids[case.target] = service.pid
     rounds: list[dict[str, report.RouteRun]] = []
     load = {"connections": args.connections, "threads": args.threads, "cpu": LOAD_CPU}
+    loads = [wrk.Load(f"http://127.0.0.1:{ports[c.target]}{c.path}", c.host) for c in cases]
     for n in range(1, args.route_rounds + 1):
-        this_round: dict[str, report.RouteRun] = {}
-        for case in cases:
-            url = f"http://127.0.0.1:{ports[case.target]}{case.path}"
-            label = f"{case.target} round {n}"
-            if args.warmup:
-                progress(f"{label}: warm-up {args.warmup}s")
-                wrk.run(url, duration_s=args.warmup, host=case.host, **load)
-            progress(f"{label}: measuring {args.duration}s")
-            pid = pids[case.target]
-            cpu_before = procs.cpu_seconds(pid)
-            result = wrk.run(url, duration_s=args.duration, host=case.host, **load)
-            run = this_round[case.target] = report.RouteRun(
-                result, procs.cpu_seconds(pid) - cpu_before
+        if args.warmup:
+            progress(f"route tables round {n}: warm-up {args.warmup}s")
+            wrk.run_together(loads, duration_s=args.warmup, **load)
+        progress(f"route tables round {n}: measuring {args.duration}s")
+        cpu_before = {c.target: procs.cpu_seconds(pids[c.target]) for c in cases}
+        results = wrk.run_together(loads, duration_s=args.duration, **load)
+        this_round = {
+            c.target: report.RouteRun(
+                result, procs.cpu_seconds(pids[c.target]) - cpu_before[c.target]
             )
-            for service in services:
-                service.check_alive()
+            for c, result in zip(cases, results, strict=True)
+        }
+        for service in services:
+            service.check_alive()
+        for target, run in this_round.items():
             progress(
-                f"{label}: {result.requests_per_s:,.0f} req/s, "
+                f"  {target}: {run.wrk.requests_per_s:,.0f} req/s, "
                 f"{run.cpu_us_per_request:.1f} us CPU/request, "
-                f"p99 {report.fmt_ms(result.p99_ms)}, {result.errors} errors"
+                f"p99 {report.fmt_ms(run.wrk.p99_ms)}, {run.wrk.errors} errors"
             )
         rounds.append(this_round)
     return rounds

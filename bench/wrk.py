@@ -57,6 +57,16 @@ def parse(text: str) -> WrkResult:
     )
 
 
+def _argv(
+    url: str, duration_s: int, connections: int, threads: int, cpu: int, host: str | None
+) -> list[str]:
+    extra = ["-H", f"Host: {host}"] if host else []
+    return pinned(
+        cpu,
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency", *extra, url],
+    )
+
+
 def run(
     url: str,
     *,
@@ -67,11 +77,7 @@ def run(
     host: str | None = None,
 ) -> WrkResult:
     """One wrk run; `host` replaces the Host header wrk derives from the URL."""
-    extra = ["-H", f"Host: {host}"] if host else []
-    argv = pinned(
-        cpu,
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency", *extra, url],
-    )
+    argv = _argv(url, duration_s, connections, threads, cpu, host)
     # On timeout or Ctrl-C, subprocess.run kills wrk (by its PID) before re-raising.
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=duration_s + WRK_GRACE_S, check=False
@@ -79,3 +85,39 @@ def run(
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}) on {url}:\n{done.stderr}")
     return parse(done.stdout)
+
+
+@dataclass(frozen=True)
+class Load:
+    """One wrk run to start alongside others."""
+
+    url: str
+    host: str | None = None
+
+
+def run_together(
+    loads: list[Load], *, duration_s: int, connections: int, threads: int, cpu: int
+) -> list[WrkResult]:
+    """Several wrk runs at once, one per load, each with its own connections; results in
+    order. Every wrk still running when this returns or raises is killed, by PID."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for load in loads:
+            argv = _argv(load.url, duration_s, connections, threads, cpu, load.host)
+            procs.append(
+                subprocess.Popen(
+                    argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+            )
+        results = []
+        for load, proc in zip(loads, procs, strict=True):
+            out, err = proc.communicate(timeout=duration_s + WRK_GRACE_S)
+            if proc.returncode != 0:
+                raise RuntimeError(f"wrk failed ({proc.returncode}) on {load.url}:\n{err}")
+            results.append(parse(out))
+        return results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
