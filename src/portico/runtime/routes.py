@@ -408,13 +408,14 @@ class Router:
 
 
 def _hostname(host: bytes) -> bytes:
-    """The lower-cased host without its port (``[v6]`` keeps its brackets). ``find`` rather
-    than ``in``: ``b":" in host`` first tries the needle as an integer and builds a TypeError,
-    which costs more than the rest of this function together."""
-    if host[:1] == b"[":
+    """The lower-cased host (not empty) without its port; ``[v6]`` keeps its brackets."""
+    if host[0] == 0x5B:  # "["
         return host[: host.find(b"]") + 1].lower()
-    colon = host.rfind(b":")
-    return (host if colon < 0 else host[:colon]).lower()
+    # An int needle is searched for directly; ``b":" in host`` would first try b":" as an
+    # integer, and build and drop a TypeError, on every request.
+    if 0x3A in host:  # ":"
+        host = host[: host.rfind(b":")]
+    return host.lower()
 
 
 def redirect_reply(route: CompiledRoute, req: RequestState) -> LocalReply:
