@@ -11,6 +11,9 @@ from pathlib import Path
 
 SMALL_PATH = "/small"
 LARGE_PATH = "/large"
+# The routes case requests /svcN/small: the backend answers every path under this prefix with
+# the small body, so a path-routed request costs the backend what /small costs it.
+ROUTED_PREFIX = "/svc"
 SMALL_SIZE = 100
 LARGE_SIZE = 1024 * 1024
 
@@ -52,7 +55,8 @@ def _http_common(prefix: Path) -> str:
 
 
 def backend_conf(prefix: Path, port: int) -> str:
-    """The origin: `/small` is a fixed 100-byte body, `/large` a 1 MiB file (sendfile)."""
+    """The origin: `/small` (and anything under `/svc`) is a fixed 100-byte body, `/large` a
+    1 MiB file (sendfile)."""
     return f"""\
 {_common(prefix)}
 http {{
@@ -63,6 +67,7 @@ http {{
         listen 127.0.0.1:{port};
         location = {SMALL_PATH} {{ return 200 "{SMALL_BODY}"; }}
         location = {LARGE_PATH} {{ root {www_dir(prefix)}; }}
+        location ^~ {ROUTED_PREFIX} {{ return 200 "{SMALL_BODY}"; }}
         location / {{ return 404; }}
     }}
 }}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import os
 import socket
 import subprocess
 import time
@@ -44,11 +45,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
-def http_get_size(port: int, path: str) -> int | None:
-    """Body length of a 200 answer to GET path, or None on any other outcome."""
+def http_get_size(port: int, path: str, host: str | None = None) -> int | None:
+    """Body length of a 200 answer to GET path (with this Host, if given), or None on any
+    other outcome."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers={"Host": host} if host else {})
         response = conn.getresponse()
         body = response.read()
         return len(body) if response.status == 200 else None
@@ -85,12 +87,12 @@ class Service:
                 f"{self.log_tail()}"
             )
 
-    def wait_ready(self, port: int, expect: dict[str, int]) -> None:
+    def wait_ready(self, port: int, expect: dict[str, int], host: str | None = None) -> None:
         """Wait until every path in `expect` answers 200 with exactly the expected length."""
 
         def ready() -> bool:
             self.check_alive()
-            return all(http_get_size(port, path) == size for path, size in expect.items())
+            return all(http_get_size(port, path, host) == size for path, size in expect.items())
 
         what = f"{self.name} to serve {sorted(expect)} with status 200 on :{port}"
         try:
@@ -146,3 +148,21 @@ def rss_bytes(pid: int) -> tuple[int, int]:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1]) * 1024  # the kernel reports kB
     return total, len(pids)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of pid and its descendants so far, from /proc/PID/stat.
+
+    CPU time per request is what a proxy costs whatever else the machine runs; req/s also
+    depends on how much of its core the neighbours left it.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    total = 0
+    for each in pids:
+        stat = Path(f"/proc/{each}/stat").read_text()
+        # Fields after the command name (which may hold spaces) start at "state" (field 3);
+        # utime and stime are fields 14 and 15.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks

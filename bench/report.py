@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wrk import WrkResult
 
@@ -16,6 +16,22 @@ MIB = 1024 * 1024
 MIN_RPS_RATIO = {"small": 0.35, "large": 0.6}
 MAX_P99_RATIO = 3.0
 MAX_RSS_MIB = 60.0
+# Issue 8: a large route table may cost at most 10% of the single route's req/s.
+MIN_ROUTES_RATIO = 0.9
+# The same budget in CPU time per request, the figure that holds on a loaded machine.
+MAX_ROUTES_CPU_RATIO = 1.11  # 1 / MIN_ROUTES_RATIO, rounded
+
+
+@dataclass(frozen=True)
+class RouteRun:
+    """One measured run of a route-table target: wrk's view and the proxy's CPU time."""
+
+    wrk: WrkResult
+    cpu_s: float  # user + system CPU seconds the proxy used during the measured run
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_s / max(self.wrk.requests, 1) * 1e6
 
 
 @dataclass(frozen=True)
@@ -24,6 +40,46 @@ class Measurements:
     results: dict[tuple[str, str], WrkResult]
     # target -> (RSS bytes, process count) after the runs; only for proxies.
     rss: dict[str, tuple[int, int]]
+    # The routes case (--routes): per round, route-table target -> small-body run, the
+    # single-route baseline first.
+    route_rounds: list[dict[str, RouteRun]] = field(default_factory=list)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+@dataclass(frozen=True)
+class RouteSummary:
+    """A route-table target over all rounds: medians, and ratios to the baseline's medians."""
+
+    rps: float
+    p99_ms: float
+    cpu_us: float
+    errors: int  # summed over rounds
+    rps_ratio: float
+    cpu_ratio: float
+
+
+def route_summaries(m: Measurements) -> dict[str, RouteSummary]:
+    if not m.route_rounds:
+        return {}
+    medians = {
+        target: (
+            _median([r[target].wrk.requests_per_s for r in m.route_rounds]),
+            _median([r[target].wrk.p99_ms for r in m.route_rounds]),
+            _median([r[target].cpu_us_per_request for r in m.route_rounds]),
+            sum(r[target].wrk.errors for r in m.route_rounds),
+        )
+        for target in m.route_rounds[0]
+    }
+    base_rps, _, base_cpu, _ = next(iter(medians.values()))
+    return {
+        target: RouteSummary(rps, p99, cpu, errors, rps / base_rps, cpu / base_cpu)
+        for target, (rps, p99, cpu, errors) in medians.items()
+    }
 
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -76,6 +132,21 @@ def checks(m: Measurements) -> list[Check]:
         for body in BODIES
     ]
     out.append(Check("Portico RSS MiB", rss_mib(m, PORTICO), "<", MAX_RSS_MIB))
+    summaries = list(route_summaries(m).items())
+    if summaries:
+        base = summaries[0][0]
+        for target, summary in summaries[1:]:
+            out.append(
+                Check(f"small req/s {target}/{base}", summary.rps_ratio, ">=", MIN_ROUTES_RATIO)
+            )
+            out.append(
+                Check(
+                    f"small CPU/request {target}/{base}",
+                    summary.cpu_ratio,
+                    "<=",
+                    MAX_ROUTES_CPU_RATIO,
+                )
+            )
     return out
 
 
@@ -122,6 +193,51 @@ def ratio_rows(m: Measurements) -> list[tuple[str, ...]]:
 
 RATIO_HEADER = ("body", "req/s Portico/nginx", "req/s Portico/direct", "p99 Portico/nginx")
 
+ROUTES_HEADER = (
+    "route table (small body)",
+    "req/s",
+    "p99",
+    "CPU/request",
+    "errors",
+    "req/s ratio",
+    "CPU/request ratio",
+)
+
+
+def routes_rows(m: Measurements) -> list[tuple[str, ...]]:
+    """Medians over the rounds, with ratios to the single route's medians."""
+    return [
+        (
+            target,
+            f"{s.rps:,.0f}",
+            fmt_ms(s.p99_ms),
+            f"{s.cpu_us:.1f} us",
+            str(s.errors),
+            f"{s.rps_ratio:.3f}",
+            f"{s.cpu_ratio:.3f}",
+        )
+        for target, s in route_summaries(m).items()
+    ]
+
+
+def rounds_header(m: Measurements) -> tuple[str, ...]:
+    targets = list(m.route_rounds[0]) if m.route_rounds else []
+    return ("round", *(f"{t} req/s, CPU/request" for t in targets))
+
+
+def rounds_rows(m: Measurements) -> list[tuple[str, ...]]:
+    """Every round, so the noise the medians hide can be seen."""
+    return [
+        (
+            str(n),
+            *(
+                f"{r.wrk.requests_per_s:,.0f}, {r.cpu_us_per_request:.1f} us"
+                for r in runs.values()
+            ),
+        )
+        for n, runs in enumerate(m.route_rounds, 1)
+    ]
+
 
 def _rss_lines(m: Measurements) -> list[str]:
     return [
@@ -144,7 +260,11 @@ def _text_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int)
 
 def text(m: Measurements) -> str:
     lines = _text_table(HEADER, table_rows(m), left=2)
-    lines += ["", *_text_table(RATIO_HEADER, ratio_rows(m), left=1), "", *_rss_lines(m), ""]
+    lines += ["", *_text_table(RATIO_HEADER, ratio_rows(m), left=1), ""]
+    if m.route_rounds:
+        lines += [*_text_table(ROUTES_HEADER, routes_rows(m), left=1), ""]
+        lines += [*_text_table(rounds_header(m), rounds_rows(m), left=1), ""]
+    lines += [*_rss_lines(m), ""]
     lines += ["Goals:", *(f"  {c.line()}" for c in checks(m))]
     return "\n".join(lines)
 
@@ -166,6 +286,17 @@ def markdown(m: Measurements, *, command: str, date: str, machine: str) -> str:
         "",
         *_md_table(RATIO_HEADER, ratio_rows(m), left=1),
         "",
+    ]
+    if m.route_rounds:
+        lines += [
+            f"Route tables: median of {len(m.route_rounds)} rounds; ratios to the single route.",
+            "",
+            *_md_table(ROUTES_HEADER, routes_rows(m), left=1),
+            "",
+            *_md_table(rounds_header(m), rounds_rows(m), left=1),
+            "",
+        ]
+    lines += [
         *(f"- {line}" for line in _rss_lines(m)),
         "",
         "Goals:",

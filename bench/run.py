@@ -2,11 +2,14 @@
 
     python bench/run.py [--duration 10] [--connections 64] [--threads 1] [--workers 1]
                         [--warmup 2] [--out docs-snippet.md] [--skip-portico] [--health-checks]
+                        [--routes] [--route-rounds 3]
 
 Layout on a 2-core machine: each proxy on core 0; wrk and the backend on core 1. For each body
 size (100 B, 1 MiB) wrk hits the backend directly, Portico and the nginx proxy, after a short
 warm-up. With --health-checks, Portico runs from a generated config file with active health
-checks on (`portico serve`), to compare with a plain run. Everything listens on 127.0.0.1 on
+checks on (`portico serve`), to compare with a plain run. With --routes, three more Portico
+processes (one catch-all route, 1,000 host routes, 1,000 path routes) get the small body at
+the same time, in rounds, compared with the single route. Everything listens on 127.0.0.1 on
 kernel-picked ports and every process started here is stopped here, by PID, including on Ctrl-C
 or an error. See bench/README.md.
 
@@ -27,12 +30,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import nginx
 import procs
 import report
+import routes
 import wrk
 
 PROXY_CPU = 0  # the proxy under test has a core to itself
@@ -62,7 +67,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"run Portico with active health checks (GET {HEALTH_PATH} every "
         f"{HEALTH_INTERVAL_S}s) from a config file, via `portico serve`",
     )
+    p.add_argument(
+        "--routes",
+        action="store_true",
+        help=f"also measure the small body with 1 route, {routes.ROUTE_COUNT:,} host routes "
+        f"and {routes.ROUTE_COUNT:,} path routes (each via `portico serve`)",
+    )
+    p.add_argument(
+        "--route-rounds",
+        type=int,
+        default=3,
+        help="with --routes: rounds over the three cases; each case's median round is kept",
+    )
     args = p.parse_args(argv)
+    if args.route_rounds < 1:
+        p.error("--route-rounds must be >= 1")
+    if args.routes and args.skip_portico:
+        p.error("--routes measures Portico: drop --skip-portico")
     if args.duration < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--duration and --threads must be >= 1, --warmup >= 0")
     if args.connections < args.threads:
@@ -146,10 +167,15 @@ def measure(
     # nginx, started as root, serves files as an unprivileged worker: let it into the tree.
     tmp.chmod(0o755)
 
-    def up(service: procs.Service, port: int) -> procs.Service:
+    def up(
+        service: procs.Service,
+        port: int,
+        expect: dict[str, int] = EXPECT,
+        host: str | None = None,
+    ) -> procs.Service:
         stack.callback(service.stop)
         services.append(service)
-        service.wait_ready(port, EXPECT)
+        service.wait_ready(port, expect, host)
         progress(f"{service.name} ready on 127.0.0.1:{port} (pid {service.pid})")
         return service
 
@@ -204,6 +230,8 @@ def measure(
                 f"p99 {report.fmt_ms(result.p99_ms)}, {result.errors} errors"
             )
 
+    route_rounds = measure_routes(args, tmp, backend_port, up, services) if args.routes else []
+
     # Anything logged (nginx at level warn, e.g. "buffered to a temporary file") deserves a look.
     for service in services:
         if tail := service.log_tail(5):
@@ -212,7 +240,61 @@ def measure(
     rss = {report.NGINX: procs.rss_bytes(nginx_proxy.pid)}
     if portico is not None:
         rss[report.PORTICO] = procs.rss_bytes(portico.pid)
-    return report.Measurements(results, rss)
+    for service in services:
+        if route_rounds and service.name in route_rounds[0]:
+            rss[service.name] = procs.rss_bytes(service.pid)
+    return report.Measurements(results, rss, route_rounds)
+
+
+def measure_routes(
+    args: argparse.Namespace,
+    tmp: Path,
+    backend_port: int,
+    up: Callable[[procs.Service, int, dict[str, int], str | None], procs.Service],
+    services: list[procs.Service],
+) -> list[dict[str, report.RouteRun]]:
+    """The small body through one Portico per route table. The three are loaded at the same
+    time (one wrk each), sharing core 0, so whatever else the machine runs slows all three
+    alike and their ratios hold; rounds give medians."""
+    ports: dict[str, int] = {}
+    pids: dict[str, int] = {}
+    cases = routes.cases()
+    for case in cases:
+        port = ports[case.target] = procs.free_port()
+        config_path = tmp / f"{case.target}.toml"
+        config_path.write_text(routes.config(case, port, backend_port, args.workers))
+        argv = procs.pinned(PROXY_CPU, portico_serve_command(config_path))
+        log = tmp / f"{case.target}.log"
+        # A route table answers only its own requests: check the one wrk will send.
+        service = procs.start(case.target, argv, log)
+        up(service, port, {case.path: nginx.SMALL_SIZE}, case.host)
+        pids[case.target] = service.pid
+    rounds: list[dict[str, report.RouteRun]] = []
+    load = {"connections": args.connections, "threads": args.threads, "cpu": LOAD_CPU}
+    loads = [wrk.Load(f"http://127.0.0.1:{ports[c.target]}{c.path}", c.host) for c in cases]
+    for n in range(1, args.route_rounds + 1):
+        if args.warmup:
+            progress(f"route tables round {n}: warm-up {args.warmup}s")
+            wrk.run_together(loads, duration_s=args.warmup, **load)
+        progress(f"route tables round {n}: measuring {args.duration}s")
+        cpu_before = {c.target: procs.cpu_seconds(pids[c.target]) for c in cases}
+        results = wrk.run_together(loads, duration_s=args.duration, **load)
+        this_round = {
+            c.target: report.RouteRun(
+                result, procs.cpu_seconds(pids[c.target]) - cpu_before[c.target]
+            )
+            for c, result in zip(cases, results, strict=True)
+        }
+        for service in services:
+            service.check_alive()
+        for target, run in this_round.items():
+            progress(
+                f"  {target}: {run.wrk.requests_per_s:,.0f} req/s, "
+                f"{run.cpu_us_per_request:.1f} us CPU/request, "
+                f"p99 {report.fmt_ms(run.wrk.p99_ms)}, {run.wrk.errors} errors"
+            )
+        rounds.append(this_round)
+    return rounds
 
 
 def machine_description() -> str:
@@ -226,6 +308,11 @@ def machine_description() -> str:
     return f"nproc {nproc}, {model}, Linux {platform.release()}"
 
 
+def load_description(before: float) -> str:
+    """The 1-minute load average before and after the runs: how shared the machine was."""
+    return f"load average {before:.1f} before the runs, {os.getloadavg()[0]:.1f} after"
+
+
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the ExitStack, which stops everything
 
@@ -236,12 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         print("missing prerequisites: " + "; ".join(problems), file=sys.stderr)
         print(f"install with: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    command = "serve" if args.health_checks else "proxy"
+    command = "serve" if args.health_checks or args.routes else "proxy"
     if not args.skip_portico and (problem := portico_cli_problem(command)):
         print(f"Portico CLI unavailable:\n{problem}", file=sys.stderr)
         print("rerun with --skip-portico to measure direct and nginx only", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    load_before = os.getloadavg()[0]
 
     try:
         with (
@@ -257,13 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     print(report.text(measurements))
+    print(load_description(load_before))
     if args.out is not None:
         args.out.write_text(
             report.markdown(
                 measurements,
                 command="python " + shlex.join(sys.argv),
                 date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                machine=machine_description(),
+                machine=f"{machine_description()}; {load_description(load_before)}",
             )
         )
         progress(f"wrote {args.out}")

@@ -14,6 +14,7 @@ WRK_GRACE_S = 30
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 _NUMBER_UNIT = r"([\d.]+)(us|ms|s|m|h)"
 _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_REQUESTS = re.compile(r"^\s*(\d+) requests in ", re.M)
 _P50 = re.compile(rf"^\s+50%\s+{_NUMBER_UNIT}\s*$", re.M)
 _P99 = re.compile(rf"^\s+99%\s+{_NUMBER_UNIT}\s*$", re.M)
 _SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
@@ -27,6 +28,7 @@ class WrkResult:
     p99_ms: float
     # Socket errors (connect, read, write, timeout) plus non-2xx/3xx answers.
     errors: int
+    requests: int = 0  # completed in the measured run
 
 
 def _latency_ms(pattern: re.Pattern[str], text: str, label: str) -> float:
@@ -45,7 +47,9 @@ def parse(text: str) -> WrkResult:
         errors += sum(int(n) for n in socket_errors.groups())
     if non_2xx := _NON_2XX.search(text):
         errors += int(non_2xx.group(1))
+    requests = _REQUESTS.search(text)
     return WrkResult(
+        requests=int(requests.group(1)) if requests else 0,
         requests_per_s=float(rps.group(1)),
         p50_ms=_latency_ms(_P50, text, "50%"),
         p99_ms=_latency_ms(_P99, text, "99%"),
@@ -53,11 +57,27 @@ def parse(text: str) -> WrkResult:
     )
 
 
-def run(url: str, *, duration_s: int, connections: int, threads: int, cpu: int) -> WrkResult:
-    argv = pinned(
+def _argv(
+    url: str, duration_s: int, connections: int, threads: int, cpu: int, host: str | None
+) -> list[str]:
+    extra = ["-H", f"Host: {host}"] if host else []
+    return pinned(
         cpu,
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency", url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency", *extra, url],
     )
+
+
+def run(
+    url: str,
+    *,
+    duration_s: int,
+    connections: int,
+    threads: int,
+    cpu: int,
+    host: str | None = None,
+) -> WrkResult:
+    """One wrk run; `host` replaces the Host header wrk derives from the URL."""
+    argv = _argv(url, duration_s, connections, threads, cpu, host)
     # On timeout or Ctrl-C, subprocess.run kills wrk (by its PID) before re-raising.
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=duration_s + WRK_GRACE_S, check=False
@@ -65,3 +85,39 @@ def run(url: str, *, duration_s: int, connections: int, threads: int, cpu: int) 
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}) on {url}:\n{done.stderr}")
     return parse(done.stdout)
+
+
+@dataclass(frozen=True)
+class Load:
+    """One wrk run to start alongside others."""
+
+    url: str
+    host: str | None = None
+
+
+def run_together(
+    loads: list[Load], *, duration_s: int, connections: int, threads: int, cpu: int
+) -> list[WrkResult]:
+    """Several wrk runs at once, one per load, each with its own connections; results in
+    order. Every wrk still running when this returns or raises is killed, by PID."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for load in loads:
+            argv = _argv(load.url, duration_s, connections, threads, cpu, load.host)
+            procs.append(
+                subprocess.Popen(
+                    argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+            )
+        results = []
+        for load, proc in zip(loads, procs, strict=True):
+            out, err = proc.communicate(timeout=duration_s + WRK_GRACE_S)
+            if proc.returncode != 0:
+                raise RuntimeError(f"wrk failed ({proc.returncode}) on {load.url}:\n{err}")
+            results.append(parse(out))
+        return results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

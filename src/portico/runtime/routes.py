@@ -163,6 +163,7 @@ class CompiledRoute:
     """One route: matcher fields, handler kind and data, and its stage chain split by hook."""
 
     __slots__ = (
+        "bare",
         "body_stages",
         "clients",
         "headers",
@@ -222,6 +223,7 @@ class CompiledRoute:
         self.request_stages: tuple[Stage, ...] = ()
         self.response_stages: tuple[Stage, ...] = ()
         self.body_stages: tuple[Stage, ...] = ()
+        self.bare = False  # set by the Router: nothing to check beyond host and path
 
     def __repr__(self) -> str:
         return f"<Route {self.name} {self.kind} rank={self.rank}>"
@@ -317,8 +319,10 @@ class Router:
 
     __slots__ = (
         "any_host",
+        "by_any_host",
         "by_host",
         "by_suffix",
+        "for_any_host",
         "only",
         "request_id",
         "routes",
@@ -344,6 +348,19 @@ class Router:
                 else:
                     self.by_host.setdefault(host, PathIndex()).add(route)
         self.suffix_lengths = bool(self.by_suffix)
+        # What a request need not compute: its host when no route names one, the any-host
+        # index when every route names a host, the remaining conditions of a bare route.
+        self.by_any_host = bool(self.by_host or self.by_suffix)
+        any_host = self.any_host
+        self.for_any_host = bool(any_host.exact or any_host.prefixes or any_host.regex)
+        for route in routes:
+            route.bare = (
+                route.methods is None
+                and route.regex is None
+                and not route.headers
+                and not route.query
+                and route.clients is None
+            )
         # One catch-all route with no conditions: nothing to look up per request.
         self.only: CompiledRoute | None = None
         if len(routes) == 1:
@@ -365,8 +382,9 @@ class Router:
             return only
         path = req.path
         ranks: list[int] = []
-        host = req.hostname.lower() if req.host else b""
-        if host:
+        host = req.host
+        if host and self.by_any_host:
+            host = _hostname(host)
             index = self.by_host.get(host)
             if index is not None:
                 index.collect(path, ranks)
@@ -377,7 +395,8 @@ class Router:
                     if index is not None:
                         index.collect(path, ranks)
                     dot = host.find(b".", dot + 1)
-        self.any_host.collect(path, ranks)
+        if self.for_any_host:
+            self.any_host.collect(path, ranks)
         if not ranks:
             return None
         if len(ranks) > 1:
@@ -386,9 +405,20 @@ class Router:
         head = req.head
         for rank in ranks:
             route = routes[rank]
-            if route.rest_matches(req, head):
+            if route.bare or route.rest_matches(req, head):
                 return route
         return None
+
+
+def _hostname(host: bytes) -> bytes:
+    """The lower-cased host (not empty) without its port; ``[v6]`` keeps its brackets."""
+    if host[0] == 0x5B:  # "["
+        return host[: host.find(b"]") + 1].lower()
+    # An int needle is searched for directly; ``b":" in host`` would first try b":" as an
+    # integer, and build and drop a TypeError, on every request.
+    if 0x3A in host:  # ":"
+        host = host[: host.rfind(b":")]
+    return host.lower()
 
 
 def redirect_reply(route: CompiledRoute, req: RequestState) -> LocalReply:
