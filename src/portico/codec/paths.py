@@ -23,11 +23,14 @@ def _decode_unreserved(m: re.Match[bytes]) -> bytes:
 
 def normalize_path(path: bytes) -> bytes | None:
     """The normalized form of an origin-form path (no query); None if it climbs above '/'."""
-    if b"%" not in path and b"/." not in path and b"//" not in path:
+    # Int needles and find(): ``b"%" in path`` would first try b"%" as an integer (and
+    # build a TypeError) on every call.
+    pct = 37 in path  # "%"
+    if not pct and path.find(b"/.") < 0 and path.find(b"//") < 0:
         return path  # the common case costs three scans of a short string
-    if b"%" in path:
+    if pct:
         path = _PCT.sub(_decode_unreserved, path)
-    if b"/." not in path and b"//" not in path:
+    if path.find(b"/.") < 0 and path.find(b"//") < 0:
         return path
     out: list[bytes] = []
     segments = path.split(b"/")[1:]

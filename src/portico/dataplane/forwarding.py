@@ -29,7 +29,7 @@ class ClientInfo:
 
 def _forwarded_node(ip: bytes) -> bytes:
     # RFC 7239 6: IPv6 addresses are bracketed and quoted.
-    return b'"[' + ip + b']"' if b":" in ip else ip
+    return b'"[' + ip + b']"' if 58 in ip else ip  # 58 = ":" (an int needle is cheaper)
 
 
 def request_head(

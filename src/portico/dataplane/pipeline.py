@@ -47,7 +47,9 @@ def begin(conn: ClientSide, head: RequestHead) -> Handler:
         return _local(conn, req, None, error=ProtocolError("bad request target", 400))
     path = req.path
     # The scans are inlined: most paths need no normalizing, and a call costs more than them.
-    if path[:1] == b"/" and (b"%" in path or b"/." in path or b"//" in path):
+    # (An int needle, and find() for the pairs: ``b"%" in path`` first tries b"%" as an
+    # integer and builds a TypeError on every call.)
+    if path[:1] == b"/" and (37 in path or path.find(b"/.") >= 0 or path.find(b"//") >= 0):
         normal = normalize_path(path)
         if normal is None:
             return _local(conn, req, None, error=ProtocolError("path climbs above the root", 400))

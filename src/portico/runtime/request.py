@@ -101,7 +101,7 @@ class RequestState:
         host = self.host or b""
         if host.startswith(b"["):
             return host[: host.find(b"]") + 1]
-        return host.rpartition(b":")[0] if b":" in host else host
+        return host.rpartition(b":")[0] if 58 in host else host  # 58 = ":" (int needle)
 
     def set_path(self, path: bytes) -> None:
         self.path = path
@@ -201,7 +201,7 @@ class Template:
             return self.literal
         out = b"".join(p if isinstance(p, bytes) else p(req) for p in self.parts)
         # Variables come from a validated head, but nothing may ever split a head in two.
-        if in_head and (b"\r" in out or b"\n" in out or b"\0" in out):
+        if in_head and (13 in out or 10 in out or 0 in out):  # CR, LF, NUL as int needles
             out = out.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")
         return out
 
