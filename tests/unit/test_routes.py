@@ -554,3 +554,19 @@ def test_a_partial_overlap_is_not_reported() -> None:
         )
         == []
     )
+
+
+def test_mirror_needs_a_proxy_route() -> None:
+    from portico.config.load import load_text
+    from portico.errors import ConfigError
+
+    text = (
+        '[upstreams.a]\nbackends = ["http://127.0.0.1:1"]\n'
+        '[[routes]]\npath = "/x"\nrespond = { body = "hi" }\nmirror = { upstream = "a" }\n'
+    )
+    try:
+        load_text(text)
+    except ConfigError as e:
+        assert any("mirror" in reason for _, reason in e.problems)
+    else:
+        raise AssertionError("a mirror on a respond route was accepted")

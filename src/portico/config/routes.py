@@ -354,6 +354,8 @@ class Route(Strict):
             raise ValueError(
                 f"give one of path, path_exact or path_regex, not {' and '.join(paths)}"
             )
+        if self.mirror is not None and not (self.upstream or self.split):
+            raise ValueError("mirror: only a route that proxies (upstream or split) can mirror")
         if self.split is not None:
             if not self.split:
                 raise ValueError("split: needs at least one upstream")
