@@ -20,13 +20,14 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 from portico.config.load import load_file
 from portico.config.model import Config
 from portico.control.bus import STATS_EVERY, MasterBus, follow_master
-from portico.control.health import apply_state, log_transition
+from portico.control.health import apply_state, end_ejection, log_transition, release_unchecked
 from portico.control.orchestrator import Orchestrator
 from portico.control.prober import Prober
 from portico.dataplane.accesslog import AccessLog
@@ -40,7 +41,7 @@ from portico.errors import ConfigError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import KIND_PROXY
-from portico.runtime.snapshot import compile_config
+from portico.runtime.snapshot import Snapshot, compile_config
 
 log = logging.getLogger("portico")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
@@ -81,8 +82,9 @@ class ConfigSource:
         return load_file(self.path, self.overrides)
 
 
-# Settings that only take effect on restart (sockets and processes are made from them once).
-STATIC_KEYS = ("listen", "workers", "backlog")
+# Settings that only take effect on restart: sockets, processes and the pid file are made
+# from them once. A reload reports them by key and keeps the running values.
+STATIC_KEYS = ("listen", "workers", "backlog", "pid_file")
 
 
 def with_secrets(config: Config) -> Config:
@@ -96,18 +98,37 @@ def with_secrets(config: Config) -> Config:
     return config.model_copy(update={"upstreams": upstreams})
 
 
-def load_reload(current: Config, source: ConfigSource) -> Config | None:
-    """Load the config for a reload; None (and the reasons logged) if it is refused."""
-    try:
-        new = source.load()
-    except ConfigError as exc:
-        for path, reason in exc.problems:
-            log.error("reload refused, keeping the running config: %s: %s", path, reason)
-        return None
-    for key in STATIC_KEYS:
-        if getattr(new.server, key) != getattr(current.server, key):
-            log.warning("server.%s changed: takes effect on restart only", key)
-    # Keep the running secrets so sticky cookies stay valid across the reload.
+@dataclass(slots=True)
+class ReloadResult:
+    """What a reload did. Refused: ``problems`` holds ``(key path, reason)`` and nothing
+    changed. Applied: ``restart_required`` names the static keys that changed but keep their
+    running values, ``changed`` the top-level sections that now run the new values."""
+
+    applied: bool
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    restart_required: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+    def log(self, source: str) -> None:
+        if not self.applied:
+            for path, reason in self.problems:
+                log.error("reload refused, keeping the running config: %s: %s", path, reason)
+            return
+        for key in self.restart_required:
+            log.warning("%s changed: takes effect on restart only", key)
+        log.info("reloaded %s: %s", source, ", ".join(self.changed) or "nothing changed")
+
+
+def prepare_reload(current: Config, new: Config) -> tuple[Config, ReloadResult]:
+    """The config a reload runs: ``new`` with the running static keys and sticky secrets.
+
+    Secrets carry over so sticky cookies stay valid; static keys keep their running values so
+    the next reload compares against what really runs.
+    """
+    restart = [
+        f"server.{k}" for k in STATIC_KEYS if getattr(new.server, k) != getattr(current.server, k)
+    ]
+    server = new.server.model_copy(update={k: getattr(current.server, k) for k in STATIC_KEYS})
     upstreams = dict(new.upstreams)
     for name, up in new.upstreams.items():
         old = current.upstreams.get(name)
@@ -115,7 +136,11 @@ def load_reload(current: Config, source: ConfigSource) -> Config | None:
             upstreams[name] = up.model_copy(
                 update={"sticky": up.sticky.model_copy(update={"secret": old.sticky.secret})}
             )
-    return with_secrets(new.model_copy(update={"upstreams": upstreams}))
+    config = with_secrets(new.model_copy(update={"server": server, "upstreams": upstreams}))
+    changed = [
+        name for name in Config.model_fields if getattr(config, name) != getattr(current, name)
+    ]
+    return config, ReloadResult(True, restart_required=restart, changed=changed)
 
 
 def managed_upstreams(config: Config) -> set[str]:
@@ -127,12 +152,221 @@ def managed_upstreams(config: Config) -> set[str]:
     }
 
 
-def _on_transition(upstream: str, ep: Endpoint, transition: Transition) -> None:
-    """Single process: the prober's endpoints are the data plane's own."""
-    log_transition(upstream, ep, transition)
-    ep.up = transition.healthy
-    if transition.healthy:
-        ep.healthy_since = transition.at
+def _open_access_log(config: Config) -> AccessLog | None:
+    access = config.access_log
+    return AccessLog(access.format, access.path) if access.format != "off" else None
+
+
+class Serving:
+    """One process's data plane: listening sockets, the shared ``ProxyContext`` and the
+    access log. ``apply`` swaps in a new config; connections pick it up per request."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        settings = ClientSettings.from_config(config.server.limits, config.server.timeouts)
+        handlers: dict[str, HandlerFactory] = {KIND_PROXY: ProxyExchange}
+        self.ctx = ProxyContext(
+            self.loop,
+            compile_config(config),
+            settings,
+            _open_access_log(config),
+            handlers,
+            LocalExchange,
+        )
+        self.servers: list[asyncio.Server] = []
+        self._flusher: asyncio.TimerHandle | None = None
+
+    async def bind(self, reuse_port: bool) -> None:
+        config = self.config
+        ctx = self.ctx
+        for address in config.server.listen:
+            sock = bind_socket(address, reuse_port=reuse_port, backlog=config.server.backlog)
+            server = await self.loop.create_server(
+                lambda: ClientConnection(ctx), sock=sock, backlog=config.server.backlog
+            )
+            self.servers.append(server)
+            host, port = sock.getsockname()[:2]
+            log.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
+        self._flusher = self.loop.call_later(ACCESS_LOG_FLUSH, self._flush)
+
+    def _flush(self) -> None:
+        # Reads ctx.access_log each time: a reload may switch it on, off or to another file.
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.flush()
+        self._flusher = self.loop.call_later(ACCESS_LOG_FLUSH, self._flush)
+
+    def apply(self, config: Config) -> None:
+        """Run ``config`` from the next request on. Pure compile against the running snapshot
+        (endpoints and their state carried by address), then plain assignments: cannot fail
+        half-way. In-flight requests keep the service and settings they started with."""
+        ctx = self.ctx
+        ctx.snapshot = compile_config(config, previous=ctx.snapshot)
+        release_unchecked(ctx.snapshot)
+        ctx.settings = ClientSettings.from_config(config.server.limits, config.server.timeouts)
+        # The access log is reopened on every reload, so log rotation needs only a SIGHUP.
+        old_log, ctx.access_log = ctx.access_log, _open_access_log(config)
+        if old_log is not None:
+            old_log.close()
+        self.config = config
+
+    async def stop(self, grace: float) -> None:
+        log.info("stopping: %d open connections", len(self.ctx.connections))
+        await _drain(self.ctx, self.servers, grace)
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.close()
+
+
+class Control:
+    """The control plane of a gateway: active health checks and the orchestrator (apps and
+    discovery). Runs once per gateway: in the only process, or in the master."""
+
+    def __init__(
+        self,
+        config: Config,
+        snapshot_of: Callable[[], Snapshot],
+        on_transition: Callable[[str, Endpoint, Transition], None],
+        on_pass: Callable[[str, Endpoint], None],
+        drain_settle: float = 0.0,
+    ) -> None:
+        self.snapshot_of = snapshot_of
+        self.prober = Prober(on_transition, on_pass=on_pass)
+        self.orchestrator = Orchestrator(config, snapshot_of, drain_settle)
+
+    def start(self) -> None:
+        self.prober.update(self.snapshot_of())
+        self.orchestrator.start()
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGUSR1, self.orchestrator.rolling_restart
+        )
+
+    def apply(self, config: Config, previous: Snapshot) -> None:
+        """Follow a reload whose snapshot is already swapped in (``previous`` is the one it
+        replaced: apps removed by the reload drain against it)."""
+        self.prober.update(self.snapshot_of())
+        self.orchestrator.apply(config, previous)
+
+    def scale(self, upstream: str, n: int) -> bool:
+        supervisor = self.orchestrator.supervisors.get(upstream)
+        if supervisor is None:
+            return False
+        supervisor.set_desired(n)
+        return True
+
+    def stop_checks(self) -> None:
+        self.prober.stop()
+
+    async def stop(self) -> None:
+        self.prober.stop()
+        await self.orchestrator.stop()
+
+
+class Gateway:
+    """The lifecycle of one gateway: ``start``, ``reload(config)``, ``scale``, ``stop``.
+
+    SIGHUP (and later the admin API) calls ``reload``. With ``server.workers = 1`` this process
+    serves and runs the control plane; with more, it is the master: it runs the control plane
+    on its own snapshot, validates and compiles a reload once, and sends the resulting config
+    (secrets filled in) to every worker over ``control.bus``; each worker compiles it against
+    its own previous snapshot, which is pure and cannot fail, so all run the same config.
+    """
+
+    def __init__(self, config: Config, source: ConfigSource | None = None) -> None:
+        self.config = with_secrets(config)
+        self.source = source
+        self.serving: Serving | None = None
+        self.master: _Master | None = None
+        self._snapshot: Snapshot | None = None  # the master's own (no Serving there)
+        self.control: Control | None = None
+
+    def snapshot(self) -> Snapshot:
+        if self.serving is not None:
+            return self.serving.ctx.snapshot
+        assert self._snapshot is not None
+        return self._snapshot
+
+    async def start(self) -> None:
+        config = self.config
+        if config.server.workers == 1:
+            self.serving = Serving(config)
+            await self.serving.bind(reuse_port=False)
+            self.control = Control(config, self.snapshot, self._on_transition, self._on_pass)
+        else:
+            self._snapshot = compile_config(config)
+            # Two reports: the draining flag reaches the workers, their counts come back.
+            self.control = Control(
+                config, self.snapshot, self._on_transition, self._on_pass, 3 * STATS_EVERY
+            )
+            self.master = _Master(self)
+            self.master.start()
+        self.control.start()
+
+    def _on_transition(self, upstream: str, ep: Endpoint, transition: Transition) -> None:
+        log_transition(upstream, ep, transition)
+        apply_state(self.snapshot(), upstream, ep.label, transition.healthy, transition.at)
+        if self.master is not None:
+            self.master.bus.publish(("health", upstream, ep.label, transition.healthy))
+
+    def _on_pass(self, upstream: str, ep: Endpoint) -> None:
+        if self.master is not None:
+            # Ejections are each worker's own (passive checks see that worker's traffic).
+            self.master.bus.publish(("pass", upstream, ep.label))
+        else:
+            end_ejection(self.snapshot(), upstream, ep.label, asyncio.get_running_loop().time())
+
+    def reload(self, new: Config) -> ReloadResult:
+        """Apply ``new`` (already validated) to every section, or refuse it and keep the old.
+
+        Static keys (listen, workers, backlog, pid file) keep their running values and are
+        reported. Everything else runs from the next request on; requests in flight finish
+        on the config they started with, and keep-alive connections stay open.
+        """
+        config, result = prepare_reload(self.config, new)
+        previous = self.snapshot()
+        try:
+            if self.serving is not None:
+                self.serving.apply(config)
+            else:
+                self._snapshot = compile_config(config, previous=previous)
+                release_unchecked(self._snapshot)
+        except Exception as exc:  # a compile bug must not take the gateway down
+            log.exception("reload failed to compile")
+            return ReloadResult(False, problems=[("config", f"cannot compile: {exc}")])
+        self.config = config
+        assert self.control is not None
+        self.control.apply(config, previous)
+        if self.master is not None:
+            self.master.send_config(config)
+        return result
+
+    def reload_from_source(self) -> ReloadResult | None:
+        """SIGHUP: load the config file again and reload it; log what happened."""
+        if self.source is None:
+            return None
+        try:
+            new = self.source.load()
+        except ConfigError as exc:
+            result = ReloadResult(False, problems=list(exc.problems))
+        else:
+            result = self.reload(new)
+        result.log(self.source.path)
+        return result
+
+    def scale(self, upstream: str, n: int) -> bool:
+        """Ask for ``n`` instances of app ``upstream`` (clamped to its min and max)."""
+        return self.control is not None and self.control.scale(upstream, n)
+
+    async def stop(self) -> None:
+        """Drain clients (or the workers), then stop the control plane's apps."""
+        assert self.control is not None
+        self.control.stop_checks()
+        if self.serving is not None:
+            await self.serving.stop(self.config.server.shutdown_grace)
+        if self.master is not None:
+            await self.master.stop()
+        await self.control.stop()  # after the clients: their requests finished first
 
 
 async def run_dataplane(
@@ -144,81 +378,48 @@ async def run_dataplane(
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain within ``server.shutdown_grace``.
 
-    SIGHUP reloads the routes and upstreams from ``source``. Without ``state_pipe`` this
-    process runs the active health checks itself; with it, a master does and sends state.
+    Without ``state_pipe`` this is the whole gateway (one process; SIGHUP reloads from
+    ``source``); with it, a worker of a master that runs the control plane, sends endpoint
+    state and hands out reloaded configs.
     """
     loop = asyncio.get_running_loop()
-    snapshot = compile_config(config)
-    settings = ClientSettings.from_config(config.server.limits, config.server.timeouts)
-    access = config.access_log
-    access_log = AccessLog(access.format, access.path) if access.format != "off" else None
-    handlers: dict[str, HandlerFactory] = {KIND_PROXY: ProxyExchange}
-    ctx = ProxyContext(loop, snapshot, settings, access_log, handlers, LocalExchange)
-    servers: list[asyncio.Server] = []
-    for address in config.server.listen:
-        sock = bind_socket(address, reuse_port=reuse_port, backlog=config.server.backlog)
-        server = await loop.create_server(
-            lambda: ClientConnection(ctx), sock=sock, backlog=config.server.backlog
-        )
-        servers.append(server)
-        host, port = sock.getsockname()[:2]
-        log.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if state_pipe is None:
+        gateway = Gateway(config, source)
+        await gateway.start()
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_from_source)
+        _freeze_heap()
+        await stop.wait()
+        await gateway.stop()
+        return 0
+    serving = Serving(config)
+    await serving.bind(reuse_port=reuse_port)
+    _freeze_heap()
+    # Reload is the master's: a SIGHUP sent to the whole process group must not kill us.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    managed = managed_upstreams(config)
+
+    def on_config(data: dict[str, Any]) -> None:
+        new = Config.model_validate(data)  # validated by the master: cannot be refused
+        serving.apply(new)
+        managed.clear()
+        managed.update(managed_upstreams(new))
+        log.info("worker %d runs the reloaded config", os.getpid())
+
+    stop_bus = follow_master(state_pipe, loop, lambda: serving.ctx.snapshot, managed, on_config)
+    await stop.wait()
+    stop_bus()
+    await serving.stop(serving.config.server.shutdown_grace)
+    return 0
+
+
+def _freeze_heap() -> None:
     # Everything built so far lives as long as the process: move it out of the collector's
     # sight so full collections stay short and do not show up as latency spikes.
     gc.collect()
     gc.freeze()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    prober: Prober | None = None
-    stop_bus: Callable[[], None] | None = None
-    if state_pipe is None:
-        prober = Prober(_on_transition)
-        prober.update(ctx.snapshot)
-    else:
-        stop_bus = follow_master(state_pipe, loop, lambda: ctx.snapshot, managed_upstreams(config))
-    orchestrator: Orchestrator | None = None
-    if state_pipe is None and managed_upstreams(config):
-        orchestrator = Orchestrator(config, lambda: ctx.snapshot)
-        orchestrator.start()
-        loop.add_signal_handler(signal.SIGUSR1, orchestrator.rolling_restart)
-    if source is not None:
-        state = {"config": config}
-
-        def reload() -> None:
-            new = load_reload(state["config"], source)
-            if new is None:
-                return
-            state["config"] = new
-            ctx.snapshot = compile_config(new, previous=ctx.snapshot)
-            if prober is not None:
-                prober.update(ctx.snapshot)
-            log.info("reloaded %s: %d upstream(s)", source.path, len(new.upstreams))
-
-        loop.add_signal_handler(signal.SIGHUP, reload)
-    flusher: asyncio.TimerHandle | None = None
-    if access_log is not None:
-
-        def flush() -> None:
-            nonlocal flusher
-            access_log.flush()
-            flusher = loop.call_later(ACCESS_LOG_FLUSH, flush)
-
-        flusher = loop.call_later(ACCESS_LOG_FLUSH, flush)
-    await stop.wait()
-    if prober is not None:
-        prober.stop()
-    if stop_bus is not None:
-        stop_bus()
-    log.info("stopping: %d open connections", len(ctx.connections))
-    await _drain(ctx, servers, config.server.shutdown_grace)
-    if orchestrator is not None:
-        await orchestrator.stop()  # after the clients: their requests finished first
-    if flusher is not None:
-        flusher.cancel()
-    if access_log is not None:
-        access_log.close()
-    return 0
 
 
 async def _drain(ctx: ProxyContext, servers: list[asyncio.Server], grace: float) -> None:
@@ -283,7 +484,7 @@ def _check_bindable(config: Config) -> None:
 def serve(config: Config, source: ConfigSource | None = None) -> int:
     """Run the gateway described by ``config`` until told to stop. Returns an exit status.
 
-    With a ``source``, SIGHUP reloads routes and upstreams from it.
+    With a ``source``, SIGHUP reloads the whole config from it (see ``Gateway.reload``).
     """
     config = with_secrets(config)
     pid_file = config.server.pid_file
@@ -294,47 +495,57 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
         if config.server.workers == 1:
             return run_worker(config, reuse_port=False, source=source)
         _check_bindable(config)
-        return _Master(config, source).run()
+        return run_master(config, source)
     finally:
         if pid_file:
             with contextlib.suppress(OSError):
                 os.unlink(pid_file)
 
 
-class _Master:
-    """Spawns and supervises N data-plane workers sharing the listening port, and runs the
-    active health checks once for all of them."""
+def run_master(config: Config, source: ConfigSource | None) -> int:
+    raise_open_files_limit()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_master_main(config, source))
 
-    def __init__(self, config: Config, source: ConfigSource | None) -> None:
-        self.config = config
-        self.source = source
+
+async def _master_main(config: Config, source: ConfigSource | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(config, source)
+    await gateway.start()
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_from_source)
+    assert gateway.master is not None
+    await gateway.master.watch(stop)
+    await gateway.stop()
+    return 0
+
+
+class _Master:
+    """Spawns and supervises N data-plane workers sharing the listening port, and keeps
+    them fed over ``control.bus``: endpoint state, health and reloaded configs."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
         self.mp = multiprocessing.get_context("spawn")
         self.procs: list[Any] = []
         self.started: dict[int, float] = {}  # worker pid -> when it was spawned
-        self.snapshot = compile_config(config)
-        self.bus = MasterBus(lambda: self.snapshot, self._on_demand)
-        self.bus.managed = managed_upstreams(config)
-        self.prober = Prober(self._on_transition)
-        self.orchestrator: Orchestrator | None = None
-        if self.bus.managed:
-            # Two reports: the draining flag reaches the workers, their counts come back.
-            self.orchestrator = Orchestrator(config, lambda: self.snapshot, 3 * STATS_EVERY)
-
-    def _on_transition(self, upstream: str, ep: Endpoint, transition: Transition) -> None:
-        log_transition(upstream, ep, transition)
-        apply_state(self.snapshot, upstream, ep.label, transition.healthy, transition.at)
-        self.bus.publish(("health", upstream, ep.label, transition.healthy))
+        self.bus = MasterBus(gateway.snapshot, self._on_demand)
+        self.bus.managed = managed_upstreams(gateway.config)
 
     def _on_demand(self, upstream: str) -> None:
-        if self.orchestrator is not None:
-            supervisor = self.orchestrator.supervisors.get(upstream)
+        control = self.gateway.control
+        if control is not None:
+            supervisor = control.orchestrator.supervisors.get(upstream)
             if supervisor is not None:
                 supervisor.demand()
 
     def _spawn(self) -> Any:
         ours, theirs = self.mp.Pipe(duplex=True)
-        data = self.config.model_dump(mode="json")
-        proc = self.mp.Process(target=_worker_entry, args=(data, self.source, theirs), daemon=False)
+        # The running config, not the file: a replaced worker runs what its peers run.
+        data = self.gateway.config.model_dump(mode="json")
+        proc = self.mp.Process(target=_worker_entry, args=(data, None, theirs), daemon=False)
         proc.start()
         theirs.close()
         assert proc.pid is not None
@@ -348,34 +559,16 @@ class _Master:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, sig)
 
-    def _reload(self) -> None:
-        if self.source is None:
-            return
-        new = load_reload(self.config, self.source)
-        if new is None:
-            return
-        self.config = new
-        self.snapshot = compile_config(new, previous=self.snapshot)
-        self.prober.update(self.snapshot)
-        self._signal_workers(signal.SIGHUP)
+    def send_config(self, config: Config) -> None:
+        self.bus.set_managed(managed_upstreams(config))
+        self.bus.publish(("config", config.model_dump(mode="json")))
 
-    def run(self) -> int:
-        raise_open_files_limit()
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(self._main())
-
-    async def _main(self) -> int:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
-        self.procs = [self._spawn() for _ in range(self.config.server.workers)]
+    def start(self) -> None:
+        self.procs = [self._spawn() for _ in range(self.gateway.config.server.workers)]
         log.info("master %d started %d workers", os.getpid(), len(self.procs))
-        self.prober.update(self.snapshot)
-        if self.orchestrator is not None:
-            self.orchestrator.start()
-            loop.add_signal_handler(signal.SIGUSR1, self.orchestrator.rolling_restart)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Publish endpoint changes and replace dead workers until ``stop`` is set."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATS_EVERY)
@@ -391,9 +584,10 @@ class _Master:
                     await asyncio.sleep(WORKER_MIN_UPTIME)  # crashing at start: do not spin
                 if not stop.is_set():
                     self.procs[i] = self._spawn()
-        self.prober.stop()
+
+    async def stop(self) -> None:
         self._signal_workers(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.server.shutdown_grace + 5
+        deadline = time.monotonic() + self.gateway.config.server.shutdown_grace + 5
         while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for proc in self.procs:
@@ -401,6 +595,3 @@ class _Master:
                 proc.kill()
             proc.join(1)
         self.bus.close()
-        if self.orchestrator is not None:
-            await self.orchestrator.stop()  # after the workers: their requests finished first
-        return 0

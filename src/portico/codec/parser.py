@@ -88,10 +88,7 @@ class RequestParser:
         max_headers: int = 100,
         max_body: int | None = None,
     ) -> None:
-        self._max_target = max_target
-        self._max_header_bytes = max_header_bytes
-        self._max_headers = max_headers
-        self._max_body = max_body
+        self.set_limits(max_target, max_header_bytes, max_headers, max_body)
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
         self._error: ProtocolError | None = None
@@ -100,6 +97,15 @@ class RequestParser:
         self._reset_message()
         self._in_head = False
 
+
+    def set_limits(
+        self, max_target: int, max_header_bytes: int, max_headers: int, max_body: int | None
+    ) -> None:
+        """Limits for the requests from now on (a reload changed them between requests)."""
+        self._max_target = max_target
+        self._max_header_bytes = max_header_bytes
+        self._max_headers = max_headers
+        self._max_body = max_body
     def _reset_message(self) -> None:
         self._url = b""
         self._headers: Headers = []

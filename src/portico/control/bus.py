@@ -8,6 +8,11 @@ master -> worker
     ``("health", upstream, label, healthy)``: an active-check transition.
     ``("endpoints", upstream, [(host, port, draining), ...])``: the endpoint set of an upstream
     the master manages (apps, discovery), sent whenever it changes.
+    ``("pass", upstream, label)``: an active check passed; ends the endpoint's outlier
+    ejection in a worker that ejected it (ejections are per worker, like their traffic).
+    ``("config", data)``: a reload. The master validated the new config, filled in its
+    secrets and compiled it; ``data`` is its JSON dump, which the worker validates back into
+    a ``Config`` (it cannot fail) and compiles against its own snapshot.
 worker -> master
     ``("stats", {upstream: {label: (in_flight, requests)}}, {upstream: [latency, ...]})``:
     every ``STATS_EVERY`` seconds, for managed upstreams, so the master's draining and
@@ -27,7 +32,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from portico.control.health import apply_state
+from portico.control.health import apply_state, end_ejection
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.snapshot import Service, Snapshot
 
@@ -94,6 +99,14 @@ class MasterBus:
                 asyncio.get_running_loop().remove_reader(pipe.fileno())
             pipe.close()
         self._fold_stats()
+
+    def set_managed(self, managed: set[str]) -> None:
+        """A reload changed which upstreams the master owns; forget what was published for
+        the others, so one that comes back is published afresh."""
+        self.managed = managed
+        for name in list(self._published):
+            if name not in managed:
+                del self._published[name]
 
     def publish(self, message: tuple[Any, ...]) -> None:
         for key in list(self._pipes):
@@ -166,10 +179,12 @@ def follow_master(
     loop: asyncio.AbstractEventLoop,
     snapshot_of: Callable[[], Snapshot],
     managed: set[str],
+    on_config: Callable[[dict[str, Any]], None],
 ) -> Callable[[], None]:
     """Worker side: apply what the master sends, report load, forward demand.
 
-    Returns a function that stops the periodic report.
+    ``managed`` is read on every report, so ``on_config`` may update it in place. Returns a
+    function that stops the periodic report.
     """
 
     def send(message: tuple[Any, ...]) -> None:
@@ -188,6 +203,10 @@ def follow_master(
                     service = snapshot.services.get(message[1])
                     if service is not None:
                         apply_endpoints(service, message[2], loop.time())
+                elif message[0] == "pass":
+                    end_ejection(snapshot, message[1], message[2], loop.time())
+                elif message[0] == "config":
+                    on_config(message[1])
         except (EOFError, OSError):
             # The master is gone; PR_SET_PDEATHSIG stops this worker shortly.
             with contextlib.suppress(Exception):
@@ -215,13 +234,14 @@ def follow_master(
             if service.latencies:
                 latencies[name] = list(service.latencies)
                 service.latencies.clear()
-        send(("stats", stats, latencies))
+        if managed:
+            send(("stats", stats, latencies))
         timer = loop.call_later(STATS_EVERY, report)
 
     loop.add_reader(pipe.fileno(), readable)
-    if managed:
-        install_demand()
-        timer = loop.call_later(STATS_EVERY, report)
+    install_demand()
+    # Always on: a reload may add a managed upstream. An empty report is a few bytes.
+    timer = loop.call_later(STATS_EVERY, report)
 
     def stop() -> None:
         if timer is not None:

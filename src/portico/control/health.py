@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from portico.dataplane.outliers import reinstate
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.snapshot import Snapshot
@@ -35,3 +36,21 @@ def apply_state(snapshot: Snapshot, upstream: str, label: str, healthy: bool, no
 def log_transition(upstream: str, ep: Endpoint, transition: Transition) -> None:
     level = logging.INFO if transition.healthy else logging.WARNING
     log.log(level, "%s %s %s", upstream, ep.label, transition.reason)
+
+
+def end_ejection(snapshot: Snapshot, upstream: str, label: str, now: float) -> None:
+    """A passing active check: an endpoint ejected by outlier detection is back at once (as
+    Envoy's ``successful_active_health_check_uneject_host``), so a revived backend gets
+    traffic within one check interval rather than after its ejection time."""
+    service = snapshot.services.get(upstream)
+    if service is not None:
+        reinstate(service, label, now)
+
+
+def release_unchecked(snapshot: Snapshot) -> None:
+    """After a reload: endpoints of upstreams that no longer have active checks cannot be
+    held down by them; nobody else would ever bring them back up."""
+    for service in snapshot.services.values():
+        if service.health is None:
+            for ep in service.endpoints:
+                ep.up = True

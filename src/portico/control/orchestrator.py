@@ -1,6 +1,11 @@
 """Runs every app of a config: one supervisor (and, if asked, one autoscaler) per app, and
 one Docker watcher per discovered upstream.
 
+A reload (``apply``) follows the new config: apps and discoveries that appear start; those
+that disappear drain and stop against the service they served (no longer in the snapshot);
+those whose table changed are replaced, the old supervisor stopping only once the new one has
+an instance ready (or its ready timeout passed), so the upstream is never left empty.
+
 The provider is chosen by the app's spec: a ``docker`` table runs containers (one provider
 per Docker Engine, shared by the apps on it), anything else runs local processes.
 """
@@ -9,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from portico.config.model import App, Config
 from portico.control.autoscaler import Autoscaler
@@ -38,6 +44,7 @@ class Orchestrator:
         self.autoscalers: dict[str, Autoscaler] = {}
         self.discoveries: dict[str, Discovery] = {}
         self._restarts: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def _service(self, name: str) -> Callable[[], Service]:
         return lambda: self.snapshot_of().services[name]
@@ -57,23 +64,75 @@ class Orchestrator:
         return provider
 
     def start(self) -> None:
-        for name, upstream in self.config.upstreams.items():
-            if upstream.discover is not None:
-                watcher = Discovery(name, upstream.discover, self._service(name), self.events)
-                self.discoveries[name] = watcher
-                watcher.drain_settle = self.drain_settle
-                watcher.start()
-            app = upstream.app
-            if app is None:
-                continue
-            sup = Supervisor(name, app, self.provider_for(app), self._service(name), self.events)
-            self.supervisors[name] = sup
-            sup.drain_settle = self.drain_settle
-            sup.start()
-            if app.autoscale is not None:
-                scaler = Autoscaler(sup, app.autoscale, self._service(name), self.events)
-                self.autoscalers[name] = scaler
-                scaler.start()
+        for name in self.config.upstreams:
+            self._start_upstream(name)
+
+    def _start_upstream(self, name: str) -> None:
+        upstream = self.config.upstreams[name]
+        if upstream.discover is not None and name not in self.discoveries:
+            watcher = Discovery(name, upstream.discover, self._service(name), self.events)
+            self.discoveries[name] = watcher
+            watcher.drain_settle = self.drain_settle
+            watcher.start()
+        app = upstream.app
+        if app is None or name in self.supervisors:
+            return
+        sup = Supervisor(name, app, self.provider_for(app), self._service(name), self.events)
+        self.supervisors[name] = sup
+        sup.drain_settle = self.drain_settle
+        sup.start()
+        if app.autoscale is not None:
+            scaler = Autoscaler(sup, app.autoscale, self._service(name), self.events)
+            self.autoscalers[name] = scaler
+            scaler.start()
+
+    def apply(self, config: Config, previous: Snapshot) -> None:
+        """Follow a reload. The new snapshot is already swapped in; ``previous`` is the one
+        it replaced, whose services the leaving apps and discoveries drain."""
+        old, self.config = self.config, config
+        for name, up in old.upstreams.items():
+            new = config.upstreams.get(name)
+            new_discover = new.discover if new is not None else None
+            new_app = new.app if new is not None else None
+            service = previous.services.get(name)
+            if up.discover is not None and new_discover != up.discover:
+                watcher = self.discoveries.pop(name)
+                if service is not None and new_discover is None:
+                    watcher.service_of = _fixed(service)
+                self.events.add(name, "reload", f"discovery of {name} stopped by a reload")
+                self._retire(watcher.stop())
+            if up.app is not None and new_app != up.app:
+                sup = self.supervisors.pop(name)
+                scaler = self.autoscalers.pop(name, None)
+                if new_app is None:
+                    # Its endpoints are no longer the upstream's: drain them where they are.
+                    if service is not None:
+                        sup.service_of = _fixed(service)
+                    self.events.add(name, "reload", f"app {name} removed by a reload")
+                    self._retire(self._stop_app(sup, scaler, None))
+                else:
+                    self.events.add(name, "reload", f"app {name} changed: replacing it")
+                    self._start_upstream(name)
+                    self._retire(self._stop_app(sup, scaler, self.supervisors[name]))
+        for name in config.upstreams:
+            self._start_upstream(name)
+
+    async def _stop_app(
+        self, old: Supervisor, scaler: Autoscaler | None, successor: Supervisor | None
+    ) -> None:
+        if scaler is not None:
+            await scaler.stop()
+        if successor is not None and old.ready:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + successor.spec.ready_timeout
+            while not successor.ready and successor.desired > 0 and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        await old.stop()
+
+    def _retire(self, stopping: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(stopping)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def rolling_restart(self) -> None:
         """Replace every instance of every app, one at a time per app."""
@@ -84,6 +143,8 @@ class Orchestrator:
             task.add_done_callback(self._restarts.discard)
 
     async def stop(self) -> None:
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         for scaler in self.autoscalers.values():
             await scaler.stop()
         for task in list(self._restarts):
@@ -94,3 +155,7 @@ class Orchestrator:
         self.provider.close()
         for provider in self.docker_providers.values():
             provider.close()
+
+
+def _fixed(service: Service) -> Callable[[], Service]:
+    return lambda: service

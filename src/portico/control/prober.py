@@ -36,6 +36,7 @@ log = logging.getLogger("portico.health")
 MAX_CHECK_BODY = 65536
 
 OnTransition = Callable[[str, Endpoint, Transition], None]
+OnPass = Callable[[str, Endpoint], None]
 
 
 @dataclass(slots=True)
@@ -98,8 +99,15 @@ def _judge(status: int, body: bytes, spec: HealthCheck, statuses: StatusSet) -> 
 class Prober:
     """Owns the check tasks; ``update`` reconciles them with a (new) snapshot."""
 
-    def __init__(self, on_transition: OnTransition, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        on_transition: OnTransition,
+        rng: random.Random | None = None,
+        on_pass: OnPass | None = None,
+    ) -> None:
         self._on_transition = on_transition
+        # Every passing check of an endpoint considered healthy: ends an outlier ejection.
+        self._on_pass = on_pass
         self._rng = rng or random.Random()
         self._tasks: dict[tuple[str, tuple[str, int]], asyncio.Task[None]] = {}
         self._specs: dict[tuple[str, tuple[str, int]], HealthCheck] = {}
@@ -131,6 +139,8 @@ class Prober:
             transition = tracker.observe(result.ok, result.reason, loop.time())
             if transition is not None:
                 self._on_transition(upstream, ep, transition)
+            if result.ok and tracker.healthy and self._on_pass is not None:
+                self._on_pass(upstream, ep)
             base = spec.interval if tracker.healthy else (spec.unhealthy_interval or spec.interval)
             await asyncio.sleep(next_interval(base, spec.jitter, self._rng))
 

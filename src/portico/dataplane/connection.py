@@ -248,6 +248,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _next_request(self) -> None:
         self.exchange = None
+        if self.ctx.settings is not self.settings:
+            self._reloaded()
         if self.parser.upgrade_pending:
             # The upstream declined the upgrade: what followed the head is plain HTTP again.
             leftover = self.parser.resume()
@@ -382,6 +384,12 @@ class ClientConnection(asyncio.Protocol):
             self._set_timer(T_IDLE, self.settings.keepalive_timeout)
         else:
             self._set_timer(T_NONE, 0)
+
+    def _reloaded(self) -> None:
+        """A reload swapped the settings: the next request on this connection runs on them."""
+        self.settings = s = self.ctx.settings
+        self.parser.set_limits(s.max_target, s.max_header_bytes, s.max_headers, s.max_body)
+        self.client.trusted = self.ctx.snapshot.forwarding.trusts(self.client.ip)
 
     def _check_body_rate(self, n: int) -> None:
         s = self.settings

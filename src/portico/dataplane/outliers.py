@@ -38,3 +38,17 @@ def _expire(service: Service, loop: asyncio.AbstractEventLoop) -> None:
                 ep.ejected = False
                 ep.healthy_since = now  # slow start applies after an ejection too
                 log.info("%s %s back after ejection", service.name, label)
+
+
+def reinstate(service: Service, label: str, now: float) -> bool:
+    """End the ejection of endpoint ``label`` now (an active check passed). True if it was
+    ejected."""
+    detector = service.outlier
+    if detector is None or not detector.reinstate(label, now):
+        return False
+    for ep in service.endpoints:
+        if ep.label == label:
+            ep.ejected = False
+            ep.healthy_since = now  # slow start, as after an expiry
+    log.info("%s %s back after ejection: active check passed", service.name, label)
+    return True

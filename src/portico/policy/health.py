@@ -264,6 +264,18 @@ class OutlierDetector:
         self._ejected.difference_update(back)
         return sorted(back)
 
+    def reinstate(self, key: str, now: float) -> bool:
+        """End ``key``'s ejection before its time: an active check passed. Counts as a
+        return at ``now`` (the ejection multiplier decays from here). True if it was out."""
+        if key not in self._ejected:
+            return False
+        state = self._members[key]
+        state.returned_at = now
+        state.ejected_until = None
+        state.failures = 0
+        self._ejected.discard(key)
+        return True
+
     def next_expiry(self) -> float | None:
         """When ``expired`` next has something to return: the caller's timer deadline."""
         return min(

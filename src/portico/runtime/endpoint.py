@@ -7,9 +7,10 @@ Who writes what (everything is read by ``policy.balancers``):
 
 * ``weight``, ``backup``: the compiled config (a reload rewrites them in place).
 * ``up``: the active health checker, from ``policy.health.HealthTracker`` transitions.
-* ``ejected``: passive outlier detection (``policy.health.OutlierDetector``). Kept apart from
-  ``up`` so that a passing active check cannot cut an ejection short, nor an ejection expiry
-  revive an endpoint the active checker holds down.
+* ``ejected``: passive outlier detection (``policy.health.OutlierDetector``); set on ejection,
+  cleared on expiry or by a passing active check (``OutlierDetector.reinstate``). Kept apart
+  from ``up`` so that an ejection expiry cannot revive an endpoint the active checker holds
+  down.
 * ``draining``: the supervisor on scale-down; in-flight requests finish, no new ones start.
 * ``healthy_since``: whoever turns the endpoint available (health UP, scale-up); slow start
   ramps its share from that moment. ``None`` means "no ramp", as at startup.
