@@ -274,6 +274,43 @@ def test_outlier_detection_ejects_a_backend_answering_503_and_returns_it(
     assert spread(proxy.port, 10) == {"a": 5, "b": 5}
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_passing_active_check_ends_an_ejection_at_once(
+    workers: int, raw_backend: RawBackendFactory, portico: PorticoFactory
+) -> None:
+    a, b = fleet(raw_backend, "a", "b")
+    interval = 0.5
+    checks = {"interval": interval, "timeout": 0.5, "jitter": 0.0, "rise": 1, "fall": 1000}
+    # An ejection far longer than the test: only a passing check can bring b back in time.
+    outlier = {"consecutive_failures": 2, "base_ejection": 60.0, "max_ejection": 60.0}
+    config = app_config([a.url, b.url], health=checks, outlier=outlier)
+    config["server"]["listen"] = [f"127.0.0.1:{free_port()}"]
+    proxy = portico(config, workers=workers)
+
+    b.board.status = 503
+    b.board.health = 503  # fall is never reached: b stays UP for the active checker
+    # Fresh connections reach every worker; each worker ejects b on its own traffic.
+    wait_until(
+        lambda: all(served_by(request(proxy.port)) == "a" for _ in range(20)),
+        message="b ejected (by every worker)",
+    )
+    wait_for_log(proxy, f"app {b.label} ejected for 60s", count=workers)
+    served = b.board.served()
+    b.board.status = 200
+    b.board.health = 200
+    revived = time.monotonic()
+    wait_until(
+        lambda: served_by(request(proxy.port)) == "b" or b.board.served() > served,
+        timeout=10,
+        interval=0.02,
+        message="b to get traffic again",
+    )
+    # Within one check interval (plus the time for a request to come by), not 60 s.
+    assert time.monotonic() - revived < interval + AT_ONCE
+    assert log_lines(proxy, f"app {b.label} back after ejection: active check passed")
+    assert spread(proxy.port, 20)["b"] > 0
+
+
 # --- retries and their safety rule ----------------------------------------------------------
 
 
