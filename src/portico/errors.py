@@ -38,12 +38,6 @@ class ProtocolError(PorticoError):
         self.status = status
 
 
-class ClientTimeout(PorticoError):
-    """The client was too slow sending its head or body (slowloris, trickled uploads)."""
-
-    status = 408
-
-
 # --- upstream side ---------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from portico.policy.balancers import (
     select_candidates,
     slow_start_factor,
 )
-from portico.policy.hashing import ConsistentHash, IpHash, StickyCookie, key_hash, rendezvous
+from portico.policy.hashing import ConsistentHash, IpHash, StickyCookie, rendezvous
 from portico.runtime.endpoint import Endpoint
 
 SECRET = b"0123456789abcdef-test-secret"
@@ -350,13 +350,20 @@ def mapping(b: ConsistentHash, eps: Sequence[Endpoint]) -> dict[str, str]:
     return out
 
 
-def test_key_hash_is_stable_across_processes() -> None:
-    # A golden value: blake2b is the same everywhere, and PYTHONHASHSEED cannot touch it.
-    # If this changes, every deployment's keys remap on upgrade: do not change it lightly.
-    assert key_hash("10.0.0.1:5000", "user-1") == int.from_bytes(
-        __import__("hashlib").blake2b(b"10.0.0.1:5000\x00user-1", digest_size=8).digest(), "big"
-    )
-    assert key_hash("a:1", "k") == key_hash("a:1", "k") != key_hash("a:2", "k")
+def test_rendezvous_hash_is_stable_across_processes() -> None:
+    # A golden rule: the highest blake2b-64 of ``label NUL key`` wins, the same everywhere;
+    # PYTHONHASHSEED cannot touch it. If this changes, every deployment's keys remap on
+    # upgrade: do not change it lightly.
+    import hashlib
+
+    def score(label: str, key: str) -> int:
+        digest = hashlib.blake2b(f"{label}\x00{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+    eps = [Endpoint("10.0.0.1", 5000), Endpoint("10.0.0.2", 5000), Endpoint("10.0.0.3", 5000)]
+    for key in (f"user-{i}" for i in range(50)):
+        expected = max(eps, key=lambda ep: score(ep.label, key))
+        assert rendezvous(eps, key) is expected
 
 
 def test_consistent_hash_is_even_and_sticky() -> None:

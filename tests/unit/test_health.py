@@ -1,4 +1,4 @@
-"""Health decisions: rise/fall, flapping, status sets, jitter, outlier ejection, breaker."""
+"""Health decisions: rise/fall, flapping, status sets, jitter, outlier ejection."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import random
 import pytest
 
 from portico.policy.health import (
-    CircuitBreaker,
     Ejection,
     HealthTracker,
     OutlierDetector,
@@ -16,7 +15,6 @@ from portico.policy.health import (
     Transition,
     next_interval,
     parse_statuses,
-    status_matches,
 )
 
 # --- rise / fall -----------------------------------------------------------------------------
@@ -112,10 +110,9 @@ def test_tracker_rejects_zero_thresholds() -> None:
 def test_status_set(spec: str, inside: list[int], outside: list[int]) -> None:
     matcher = StatusSet(spec)
     for status in inside:
-        assert status in matcher and status_matches(status, spec)
-        assert status_matches(status, matcher)
+        assert status in matcher and status in parse_statuses(spec)
     for status in outside:
-        assert status not in matcher and not status_matches(status, spec)
+        assert status not in matcher and status not in parse_statuses(spec)
 
 
 @pytest.mark.parametrize(
@@ -222,18 +219,35 @@ def test_multiplier_decays_while_the_endpoint_behaves() -> None:
     assert ej is not None and ej.count == 2 and ej.duration == 20.0
 
 
-def test_expired_and_next_expiry() -> None:
+def test_expired_returns_endpoints_whose_time_is_up() -> None:
     det = OutlierDetector(KEYS, consecutive_failures=1, base_time=10.0, max_time=100.0)
-    assert det.next_expiry() is None and det.expired(1e9) == []
+    assert det.expired(1e9) == []
     det.record("a:1", False, 0.0)
     det.record("b:1", False, 5.0)
-    assert det.next_expiry() == 10.0
     assert det.expired(9.9) == []
     assert det.expired(10.0) == ["a:1"]
-    assert det.next_expiry() == 15.0
+    assert det.expired(14.9) == []
     assert det.expired(100.0) == ["b:1"]
-    assert det.next_expiry() is None
     assert not det.is_ejected("a:1") and not det.is_ejected("b:1")
+
+
+def test_a_passing_check_reinstates_at_once_and_counts_as_a_return() -> None:
+    det = OutlierDetector(KEYS, consecutive_failures=1, base_time=10.0, max_time=1000.0)
+    assert det.reinstate("a:1", 1.0) is False  # not ejected: nothing to end
+    now = 0.0
+    for _ in range(3):
+        ej = det.record("a:1", False, now)
+        assert ej is not None
+        now = ej.until
+        det.expired(now)
+    ej = det.record("a:1", False, now)  # now = 60: the 4th ejection, until 100
+    assert ej is not None and (ej.count, ej.until) == (4, 100.0)
+    assert det.reinstate("a:1", 61.0) is True
+    assert not det.is_ejected("a:1")
+    assert det.expired(1e9) == []  # the cancelled deadline no longer returns it
+    # The multiplier decays from the reinstatement (61), not from the cancelled deadline.
+    ej = det.record("a:1", False, 71.5)
+    assert ej is not None and (ej.count, ej.duration) == (4, 40.0)
 
 
 def test_never_ejects_more_than_the_share() -> None:
@@ -289,28 +303,3 @@ def test_detector_validates_settings() -> None:
         OutlierDetector(KEYS, base_time=10.0, max_time=5.0)
     with pytest.raises(ValueError):
         OutlierDetector(KEYS, max_ejection_percent=120.0)
-
-
-# --- circuit breaker -------------------------------------------------------------------------
-
-
-def test_breaker_caps_concurrency_per_key() -> None:
-    cb = CircuitBreaker(max_active=2)
-    assert cb.try_acquire("a") and cb.try_acquire("a")
-    assert not cb.try_acquire("a")
-    assert cb.try_acquire("b")  # independent per endpoint
-    assert cb.active("a") == 2
-    cb.release("a")
-    assert cb.try_acquire("a")
-    cb.release("a")
-    cb.release("a")
-    cb.release("b")
-    assert cb.active("a") == cb.active("b") == 0
-
-
-def test_breaker_release_without_acquire_is_a_bug() -> None:
-    cb = CircuitBreaker(max_active=1)
-    with pytest.raises(ValueError):
-        cb.release("a")
-    with pytest.raises(ValueError):
-        CircuitBreaker(max_active=0)

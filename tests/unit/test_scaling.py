@@ -238,14 +238,6 @@ def test_a_blocked_decision_does_not_restart_the_cooldown() -> None:
     assert s.decide(4, 2.0, now=1.0) is not None
 
 
-def test_note_action_counts_for_the_cooldown() -> None:
-    s = scaler(target=1.0, cooldown=1.0)
-    s.note_action(5.0)  # e.g. a cold start
-    assert s.decide(1, 3.0, now=5.5) is None
-    decision = s.decide(1, 3.0, now=6.0)
-    assert decision is not None and decision.desired == 3
-
-
 # --- reasons --------------------------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from http import HTTPStatus
 
 LAST_CHUNK = b"0\r\n\r\n"
-CRLF = b"\r\n"
 
 # Reason phrases for the heads Portico writes itself (errors, 100 Continue), built once.
 REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
@@ -22,12 +21,3 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
     if reason is None:
         reason = REASONS.get(status, b"Unknown")
     return b"HTTP/1.1 %d %b\r\n" % (status, reason)
-
-
-def head(first_line: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """``first_line`` (already CRLF-terminated) plus the fields and the blank line."""
-    parts = [first_line]
-    for name, value in headers:
-        parts.append(name + b": " + value + CRLF)
-    parts.append(CRLF)
-    return b"".join(parts)

@@ -57,12 +57,6 @@ def _hash(label: str, key: bytes) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
-def key_hash(endpoint_label: str, key: str) -> int:
-    """Stable 64-bit score of (endpoint, key): blake2b-64 of ``label NUL key``, the same in
-    every process and on every host. Changing it remaps every key of every deployment."""
-    return _hash(endpoint_label, key.encode())
-
-
 def rendezvous(endpoints: Sequence[Endpoint], key: str) -> Endpoint | None:
     """The endpoint with the highest weighted rendezvous score for ``key``.
 

@@ -1,4 +1,4 @@
-"""Health decisions: active checks (rise/fall), passive outlier detection, circuit breaking.
+"""Health decisions: active checks (rise/fall) and passive outlier detection.
 
 Everything here is a pure state machine fed by the caller: the prober reports each check
 result, the proxy reports each response or connect failure, and both apply the returned
@@ -130,12 +130,6 @@ class StatusSet:
 def parse_statuses(spec: str) -> StatusSet:
     """Parse (and remember) a status set; raises ValueError with the offending item."""
     return StatusSet(spec)
-
-
-def status_matches(status: int, spec: StatusSet | str) -> bool:
-    """Whether a check's response status is one the spec expects."""
-    matcher = parse_statuses(spec) if isinstance(spec, str) else spec
-    return status in matcher
 
 
 def next_interval(base: float, jitter_fraction: float, rng: random.Random) -> float:
@@ -275,46 +269,3 @@ class OutlierDetector:
         state.failures = 0
         self._ejected.discard(key)
         return True
-
-    def next_expiry(self) -> float | None:
-        """When ``expired`` next has something to return: the caller's timer deadline."""
-        return min(
-            (u for k in self._ejected if (u := self._members[k].ejected_until) is not None),
-            default=None,
-        )
-
-
-class CircuitBreaker:
-    """Caps concurrent requests (or connections) per endpoint key.
-
-    Over the cap the caller excludes that endpoint and picks again, or answers 503 at once:
-    queueing more work on an overloaded backend only makes every request on it slower.
-    """
-
-    __slots__ = ("_active", "max_active")
-
-    def __init__(self, max_active: int) -> None:
-        if max_active < 1:
-            raise ValueError("max_active must be at least 1")
-        self.max_active = max_active
-        self._active: dict[str, int] = {}
-
-    def try_acquire(self, key: str) -> bool:
-        n = self._active.get(key, 0)
-        if n >= self.max_active:
-            return False
-        self._active[key] = n + 1
-        return True
-
-    def release(self, key: str) -> None:
-        """Give back one slot taken by a successful ``try_acquire``."""
-        n = self._active.get(key, 0)
-        if n <= 0:
-            raise ValueError(f"release of {key!r} without a matching acquire")
-        if n == 1:
-            del self._active[key]  # keep the map as small as the set of busy endpoints
-        else:
-            self._active[key] = n - 1
-
-    def active(self, key: str) -> int:
-        return self._active.get(key, 0)

@@ -96,7 +96,3 @@ class Scaler:
             relation = ">" if desired > current else "<"
             reason = f"{label} {observed:.3g} {relation} target {rule.target:g}"
         return Decision(current, desired, observed, reason)
-
-    def note_action(self, now: float) -> None:
-        """Count a scaling action made outside ``decide`` (a cold start) for the cool-down."""
-        self._last_action = now
