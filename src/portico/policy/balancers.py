@@ -27,8 +27,8 @@ import random
 from collections.abc import Callable, Container, Sequence
 from typing import Protocol
 
+from portico.policy.candidate import C, Candidate
 from portico.policy.hashing import ConsistentHash, IpHash
-from portico.runtime.endpoint import Endpoint
 
 SLOW_START_FLOOR = 0.1
 """Share a just-recovered endpoint starts at: high enough to be probed by real traffic at
@@ -44,7 +44,7 @@ be hanging, so prefer any measured endpoint (Finagle's rule)."""
 
 
 class Balancer(Protocol):
-    def pick(self, endpoints: Sequence[Endpoint], key: str | None = None) -> Endpoint | None: ...
+    def pick(self, endpoints: Sequence[C], key: str | None = None) -> C | None: ...
 
 
 def slow_start_factor(healthy_since: float | None, now: float, window: float) -> float:
@@ -60,11 +60,11 @@ def slow_start_factor(healthy_since: float | None, now: float, window: float) ->
 
 
 def select_candidates(
-    endpoints: Sequence[Endpoint],
+    endpoints: Sequence[C],
     now: float,
-    exclude: Container[Endpoint] = (),
+    exclude: Container[Candidate] = (),
     slow_start: float = 0.0,
-) -> Sequence[Endpoint]:
+) -> Sequence[C]:
     """The endpoints a balancer may choose from now; empty means answer 503 at once.
 
     Available primaries if there are any, else available backups. ``exclude`` holds the
@@ -90,7 +90,7 @@ def select_candidates(
     return [ep for ep in endpoints if ep.backup and ep.available and ep not in exclude]
 
 
-def _effective(ep: Endpoint) -> float:
+def _effective(ep: Candidate) -> float:
     return ep.weight * ep.ramp
 
 
@@ -102,7 +102,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def pick(self, endpoints: Sequence[Endpoint], key: str | None = None) -> Endpoint | None:
+    def pick(self, endpoints: Sequence[C], key: str | None = None) -> C | None:
         n = len(endpoints)
         if n == 0:
             return None
@@ -126,11 +126,11 @@ class WeightedRoundRobin:
     __slots__ = ("_score",)
 
     def __init__(self) -> None:
-        self._score: dict[Endpoint, float] = {}
+        self._score: dict[Candidate, float] = {}
 
-    def pick(self, endpoints: Sequence[Endpoint], key: str | None = None) -> Endpoint | None:
+    def pick(self, endpoints: Sequence[C], key: str | None = None) -> C | None:
         score = self._score
-        best: Endpoint | None = None
+        best: C | None = None
         best_score = 0.0
         total = 0.0
         for ep in endpoints:
@@ -160,12 +160,12 @@ class LeastConnections:
     def __init__(self) -> None:
         self._next = 0
 
-    def pick(self, endpoints: Sequence[Endpoint], key: str | None = None) -> Endpoint | None:
+    def pick(self, endpoints: Sequence[C], key: str | None = None) -> C | None:
         n = len(endpoints)
         if n == 0:
             return None
         start = self._next % n
-        best: Endpoint | None = None
+        best: C | None = None
         best_load = 0.0
         best_at = start
         # Scan from just past the previous winner, so ties take turns evenly (a busy endpoint
@@ -193,7 +193,7 @@ class PowerOfTwo:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng if rng is not None else random.Random()
 
-    def pick(self, endpoints: Sequence[Endpoint], key: str | None = None) -> Endpoint | None:
+    def pick(self, endpoints: Sequence[C], key: str | None = None) -> C | None:
         n = len(endpoints)
         if n <= 1:
             return endpoints[0] if n else None
@@ -221,7 +221,7 @@ class RandomChoice:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng if rng is not None else random.Random()
 
-    def pick(self, endpoints: Sequence[Endpoint], key: str | None = None) -> Endpoint | None:
+    def pick(self, endpoints: Sequence[C], key: str | None = None) -> C | None:
         n = len(endpoints)
         if n == 0:
             return None
@@ -243,7 +243,7 @@ class RandomChoice:
 
 
 def record_latency(
-    endpoint: Endpoint, latency: float, now: float, decay: float = LATENCY_DECAY
+    endpoint: Candidate, latency: float, now: float, decay: float = LATENCY_DECAY
 ) -> None:
     """Fold one observed response latency (seconds) into the endpoint's peak EWMA.
 
@@ -260,7 +260,7 @@ def record_latency(
     endpoint.latency_at = now
 
 
-def latency_cost(endpoint: Endpoint, ref: float, decay: float = LATENCY_DECAY) -> float:
+def latency_cost(endpoint: Candidate, ref: float, decay: float = LATENCY_DECAY) -> float:
     """Expected wait on this endpoint: decayed peak EWMA times (in_flight + 1), per weight.
 
     ``ref`` stands in for the clock: the EWMA decays toward 0 for the time between the
@@ -294,17 +294,17 @@ class LeastLatency:
         self.decay = decay
         self._next = 0
 
-    def record(self, endpoint: Endpoint, latency: float, now: float) -> None:
+    def record(self, endpoint: Candidate, latency: float, now: float) -> None:
         record_latency(endpoint, latency, now, self.decay)
 
-    def pick(self, endpoints: Sequence[Endpoint], key: str | None = None) -> Endpoint | None:
+    def pick(self, endpoints: Sequence[C], key: str | None = None) -> C | None:
         n = len(endpoints)
         if n == 0:
             return None
         ref = max((ep.latency_at for ep in endpoints if ep.latency_at is not None), default=0.0)
         start = self._next % n
         self._next = start + 1
-        best: Endpoint | None = None
+        best: C | None = None
         best_cost = 0.0
         for j in range(n):  # rotating start: ties (all unmeasured at boot) spread evenly
             ep = endpoints[(start + j) % n]

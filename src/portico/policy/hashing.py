@@ -26,7 +26,7 @@ import hmac
 import math
 from collections.abc import Sequence
 
-from portico.runtime.endpoint import Endpoint
+from portico.policy.candidate import C, Candidate
 
 _TWO_64 = float(2**64)
 
@@ -57,7 +57,7 @@ def _hash(label: str, key: bytes) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
-def rendezvous(endpoints: Sequence[Endpoint], key: str) -> Endpoint | None:
+def rendezvous(endpoints: Sequence[C], key: str) -> C | None:
     """The endpoint with the highest weighted rendezvous score for ``key``.
 
     Weighted as in Schindelhauer and Schomaker: score = w / -ln(u) with u = hash in (0, 1),
@@ -69,7 +69,7 @@ def rendezvous(endpoints: Sequence[Endpoint], key: str) -> Endpoint | None:
     if not endpoints:
         return None
     kb = key.encode()
-    best: Endpoint | None = None
+    best: C | None = None
     first_w = endpoints[0].weight * endpoints[0].ramp
     for ep in endpoints:
         if ep.weight * ep.ramp != first_w:
@@ -104,7 +104,7 @@ class ConsistentHash:
     def __init__(self) -> None:
         self._next = 0
 
-    def _fallback(self, endpoints: Sequence[Endpoint]) -> Endpoint | None:
+    def _fallback(self, endpoints: Sequence[C]) -> C | None:
         n = len(endpoints)
         if n == 0:
             return None
@@ -112,7 +112,7 @@ class ConsistentHash:
         self._next = i + 1
         return endpoints[i]
 
-    def pick(self, endpoints: Sequence[Endpoint], key: str | None = None) -> Endpoint | None:
+    def pick(self, endpoints: Sequence[C], key: str | None = None) -> C | None:
         if key is None:
             return self._fallback(endpoints)
         return rendezvous(endpoints, key)
@@ -129,7 +129,7 @@ class IpHash(ConsistentHash):
 
     __slots__ = ()
 
-    def pick(self, endpoints: Sequence[Endpoint], key: str | None = None) -> Endpoint | None:
+    def pick(self, endpoints: Sequence[C], key: str | None = None) -> C | None:
         if key is None:
             return self._fallback(endpoints)
         if key.startswith("::ffff:") and "." in key:
@@ -172,7 +172,7 @@ class StickyCookie:
     def _sign(self, label: str) -> str:
         return _b64(label.encode()) + "." + _b64(self._tag(label))
 
-    def value_for(self, endpoint: Endpoint) -> str:
+    def value_for(self, endpoint: Candidate) -> str:
         """The cookie value to set when a response came from ``endpoint``."""
         value = self._signed.get(endpoint.label)
         if value is None:
@@ -200,7 +200,7 @@ class StickyCookie:
         self._verified[value] = label
         return label
 
-    def pick(self, value: str | None, endpoints: Sequence[Endpoint]) -> Endpoint | None:
+    def pick(self, value: str | None, endpoints: Sequence[C]) -> C | None:
         """The candidate the cookie names, or None: then pick with the balancer and re-set.
 
         ``endpoints`` are the candidates from ``select_candidates``, so a cookie naming a
