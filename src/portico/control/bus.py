@@ -33,39 +33,14 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from portico.control.health import apply_state, end_ejection
-from portico.runtime.endpoint import Endpoint
-from portico.runtime.snapshot import Service, Snapshot
+from portico.runtime import membership
+from portico.runtime.snapshot import Snapshot
 
 log = logging.getLogger("portico.bus")
 
 # How often workers report load for managed upstreams, and the master checks for endpoint
 # changes to publish: fast enough for draining and autoscaling, cheap at any traffic.
 STATS_EVERY = 0.1
-
-EndpointRow = tuple[str, int, bool]
-
-
-def endpoint_rows(service: Service) -> list[EndpointRow]:
-    return [(ep.host, ep.port, ep.draining) for ep in service.endpoints]
-
-
-def apply_endpoints(service: Service, rows: list[EndpointRow], now: float) -> None:
-    """Make a worker's endpoint list match the master's, keeping Endpoint objects by address."""
-    known = {ep.address: ep for ep in service.endpoints}
-    endpoints: list[Endpoint] = []
-    for host, port, draining in rows:
-        ep = known.get((host, port))
-        if ep is None:
-            ep = Endpoint(host, port)
-            ep.healthy_since = now
-        ep.draining = draining
-        endpoints.append(ep)
-    service.endpoints = endpoints
-    if any(ep.available for ep in endpoints) and service.waiters:
-        waiters, service.waiters = service.waiters, []
-        for wake in waiters:
-            wake()
-
 
 class MasterBus:
     """The master's ends of the pipes; publishes state and folds in workers' reports."""
@@ -77,7 +52,7 @@ class MasterBus:
         self._on_demand = on_demand
         self._pipes: dict[int, Connection] = {}
         self._stats: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
-        self._published: dict[str, list[EndpointRow]] = {}
+        self._published: dict[str, list[membership.EndpointRow]] = {}
         self.managed: set[str] = set()  # upstreams whose endpoints the master owns
 
     def add(self, key: int, pipe: Connection) -> None:
@@ -85,7 +60,7 @@ class MasterBus:
         snapshot = self._snapshot_of()
         for name, service in snapshot.services.items():
             if name in self.managed:
-                self._send(key, ("endpoints", name, endpoint_rows(service)))
+                self._send(key, ("endpoints", name, membership.rows(service)))
             for ep in service.endpoints:
                 if not ep.up:
                     self._send(key, ("health", name, ep.label, False))
@@ -118,7 +93,7 @@ class MasterBus:
             service = snapshot.services.get(name)
             if service is None:
                 continue
-            rows = endpoint_rows(service)
+            rows = membership.rows(service)
             if rows != self._published.get(name):
                 self._published[name] = rows
                 self.publish(("endpoints", name, rows))
@@ -202,7 +177,7 @@ def follow_master(
                 elif message[0] == "endpoints":
                     service = snapshot.services.get(message[1])
                     if service is not None:
-                        apply_endpoints(service, message[2], loop.time())
+                        membership.sync(service, message[2], loop.time())
                 elif message[0] == "pass":
                     end_ejection(snapshot, message[1], message[2], loop.time())
                 elif message[0] == "config":

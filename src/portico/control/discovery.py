@@ -32,6 +32,7 @@ from portico.control.draining import wait_drained
 from portico.control.engine import Engine, EngineError, NotFound
 from portico.control.prober import check_once
 from portico.policy.health import parse_statuses
+from portico.runtime import membership
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.events import EventLog
 from portico.runtime.snapshot import Service
@@ -266,11 +267,10 @@ class Discovery:
     def _join(self, member: Member, host: str, port: int) -> None:
         service = self.service_of()
         ep = Endpoint(host, port)
-        ep.healthy_since = asyncio.get_running_loop().time()
         member.endpoint = ep
         member.phase = Phase.READY
         member.task = None
-        service.endpoints = [*service.endpoints, ep]
+        membership.join(service, ep, asyncio.get_running_loop().time())
         self.events.add(self.name, "ready", f"{member.name} joined as {ep.label}")
         log.info("discover %s: %s ready at %s", self.name, member.name, ep.label)
 
@@ -282,7 +282,7 @@ class Discovery:
             self._remove(cid, why)
             return
         member.phase = Phase.DRAINING
-        member.endpoint.draining = True
+        membership.drain(member.endpoint)
         self.events.add(self.name, "drain", f"{member.name} draining ({why})")
         log.info("discover %s: %s draining (%s)", self.name, member.name, why)
         member.task = asyncio.get_running_loop().create_task(self._drained(member))
@@ -304,8 +304,7 @@ class Discovery:
         ep = member.endpoint
         if ep is not None:
             member.endpoint = None
-            service = self.service_of()
-            service.endpoints = [e for e in service.endpoints if e is not ep]
+            membership.leave(self.service_of(), ep)
             self.events.add(self.name, "stop", f"{member.name} left ({why})")
             log.info("discover %s: %s left (%s)", self.name, member.name, why)
 

@@ -35,6 +35,7 @@ from portico.control.draining import wait_drained
 from portico.control.prober import check_once
 from portico.control.providers.base import Adopting, Instance, Provider
 from portico.policy.health import parse_statuses
+from portico.runtime import membership
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.events import EventLog
 from portico.runtime.snapshot import Service
@@ -329,16 +330,13 @@ class Supervisor:
         managed.ready_at = now
         instance = managed.instance
         ep = Endpoint(instance.host, instance.port)
-        ep.healthy_since = now
         managed.endpoint = ep
-        service = self.service_of()
-        service.endpoints = [*service.endpoints, ep]
+        membership.join(self.service_of(), ep, now)
         if self.crash_loop:
             self.crash_loop = False
             self.events.add(self.name, "ready", f"{self.name} recovered from its crash loop")
         self.events.add(self.name, "ready", f"{instance.id} ready on port {instance.port}")
         log.info("%s ready: taking traffic", instance.id)
-        self._wake_waiters()
         self._wake.set()
 
     async def _wait_ready(self, managed: Managed) -> bool:
@@ -355,7 +353,7 @@ class Supervisor:
         ep = managed.endpoint
         instance = managed.instance
         if ep is not None:
-            ep.draining = True
+            membership.drain(ep)
             self.events.add(self.name, "drain", f"{instance.id} draining ({why})")
             log.info("%s draining (%s)", instance.id, why)
             await wait_drained(ep, self.spec.drain_timeout, self.drain_settle)
@@ -373,16 +371,12 @@ class Supervisor:
         if ep is None:
             return
         managed.endpoint = None
-        service = self.service_of()
-        service.endpoints = [e for e in service.endpoints if e is not ep]
+        membership.leave(self.service_of(), ep)
 
     # --- requests held for a cold start -------------------------------------------------
 
     def _wake_waiters(self) -> None:
-        service = self.service_of()
-        waiters, service.waiters = service.waiters, []
-        for wake in waiters:
-            wake()
+        membership.wake_waiters(self.service_of())
 
     def _wake_waiters_if_none(self) -> None:
         """A start failed and nothing is ready: let held requests fail now (503), not later."""
