@@ -56,3 +56,15 @@ def test_sync_keeps_endpoints_by_address_and_follows_draining() -> None:
     service.waiters = [lambda: woken.append(2)]
     membership.sync(service, [("127.0.0.1", 9001, True)], 8.0)
     assert woken == [1] and len(service.waiters) == 1  # nothing available: keep holding
+
+
+def test_one_endpoint_per_address_a_newcomer_takes_the_place() -> None:
+    service = app_service()
+    old, other = Endpoint("127.0.0.1", 9001), Endpoint("127.0.0.1", 9002)
+    membership.join(service, old, 0.0)
+    membership.join(service, other, 0.0)
+    new = Endpoint("127.0.0.1", 9001)
+    membership.join(service, new, 1.0)
+    assert service.endpoints == [other, new]
+    membership.leave(service, old)  # leaving by identity: the newcomer stays
+    assert service.endpoints == [other, new]

@@ -20,9 +20,11 @@ from typing import Any
 from portico.config.model import App, Config
 from portico.control.autoscaler import Autoscaler
 from portico.control.discovery import Discovery
+from portico.control.draining import wait_drained
 from portico.control.providers.base import Provider
 from portico.control.providers.local import LocalProvider
 from portico.control.supervisor import Supervisor
+from portico.runtime import membership
 from portico.runtime.events import EventLog
 from portico.runtime.snapshot import Service, Snapshot
 
@@ -97,10 +99,15 @@ class Orchestrator:
             service = previous.services.get(name)
             if up.discover is not None and new_discover != up.discover:
                 watcher = self.discoveries.pop(name)
-                if service is not None and new_discover is None:
-                    watcher.service_of = _fixed(service)
-                self.events.add(name, "reload", f"discovery of {name} stopped by a reload")
-                self._retire(watcher.stop())
+                if new_discover is None:
+                    if service is not None:
+                        watcher.service_of = _fixed(service)
+                    self.events.add(name, "reload", f"discovery of {name} removed by a reload")
+                    self._retire(watcher.stop())
+                else:
+                    self.events.add(name, "reload", f"discovery of {name} changed: restarting")
+                    self._start_upstream(name)
+                    self._retire(self._replace_discovery(watcher, self.discoveries[name]))
             if up.app is not None and new_app != up.app:
                 sup = self.supervisors.pop(name)
                 scaler = self.autoscalers.pop(name, None)
@@ -128,6 +135,24 @@ class Orchestrator:
             while not successor.ready and successor.desired > 0 and loop.time() < deadline:
                 await asyncio.sleep(0.05)
         await old.stop()
+
+    async def _replace_discovery(self, old: Discovery, successor: Discovery) -> None:
+        """Stop ``old``; its endpoints serve until ``successor`` has admitted a container (or
+        its ready timeout passed), then drain and leave, except those the successor took
+        over by address (``membership.join`` replaces them)."""
+        leftovers = [m.endpoint for m in old.members.values() if m.endpoint is not None]
+        await old.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + successor.spec.ready_timeout
+        while not any(m.endpoint for m in successor.members.values()) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for ep in leftovers:
+            membership.drain(ep)
+        await asyncio.gather(
+            *(wait_drained(ep, successor.spec.drain_timeout, self.drain_settle) for ep in leftovers)
+        )
+        for ep in leftovers:
+            membership.leave(successor.service_of(), ep)
 
     def _retire(self, stopping: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(stopping)

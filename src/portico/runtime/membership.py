@@ -20,7 +20,10 @@ def join(service: Service, endpoint: Endpoint, now: float) -> None:
     """A ready endpoint takes traffic from the next pick; slow start ramps from ``now``.
     Requests held for an instance (cold start) are woken to pick it."""
     endpoint.healthy_since = now
-    service.endpoints = [*service.endpoints, endpoint]
+    # One endpoint per address: a newcomer at a known address (a restarted discovery
+    # re-admitting a container) takes the old one's place.
+    address = endpoint.address
+    service.endpoints = [*(e for e in service.endpoints if e.address != address), endpoint]
     wake_waiters(service)
 
 
