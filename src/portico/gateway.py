@@ -280,6 +280,7 @@ class Gateway:
         self.master: _Master | None = None
         self._snapshot: Snapshot | None = None  # the master's own (no Serving there)
         self.control: Control | None = None
+        self._reload_pending = False  # a SIGHUP that came before start() finished
 
     def snapshot(self) -> Snapshot:
         if self.serving is not None:
@@ -302,6 +303,8 @@ class Gateway:
             self.master = _Master(self)
             self.master.start()
         self.control.start()
+        if self._reload_pending:
+            self.reload_from_source()
 
     def _on_transition(self, upstream: str, ep: Endpoint, transition: Transition) -> None:
         log_transition(upstream, ep, transition)
@@ -345,6 +348,10 @@ class Gateway:
         """SIGHUP: load the config file again and reload it; log what happened."""
         if self.source is None:
             return None
+        if self.control is None:
+            self._reload_pending = True  # the signal handler is in place before start()
+            return None
+        self._reload_pending = False
         try:
             new = self.source.load()
         except ConfigError as exc:
@@ -388,17 +395,17 @@ async def run_dataplane(
         loop.add_signal_handler(sig, stop.set)
     if state_pipe is None:
         gateway = Gateway(config, source)
-        await gateway.start()
         loop.add_signal_handler(signal.SIGHUP, gateway.reload_from_source)
+        await gateway.start()
         _freeze_heap()
         await stop.wait()
         await gateway.stop()
         return 0
+    # Reload is the master's: a SIGHUP sent to the whole process group must not kill us.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     serving = Serving(config)
     await serving.bind(reuse_port=reuse_port)
     _freeze_heap()
-    # Reload is the master's: a SIGHUP sent to the whole process group must not kill us.
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     managed = managed_upstreams(config)
 
     def on_config(data: dict[str, Any]) -> None:
@@ -471,6 +478,7 @@ def _worker_entry(
 ) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's handler is in place
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     config = Config.model_validate(config_data)
     raise SystemExit(run_worker(config, reuse_port=True, source=source, state_pipe=state_pipe))
@@ -514,8 +522,8 @@ async def _master_main(config: Config, source: ConfigSource | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config, source)
-    await gateway.start()
     loop.add_signal_handler(signal.SIGHUP, gateway.reload_from_source)
+    await gateway.start()
     assert gateway.master is not None
     await gateway.master.watch(stop)
     await gateway.stop()

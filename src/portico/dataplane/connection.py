@@ -118,6 +118,8 @@ class ClientConnection(asyncio.Protocol):
             if ex is not None:
                 ex.tunnel_from_client(data)
             return
+        if self.ctx.settings is not self.settings and self.exchange is None:
+            self._reloaded()  # a request arriving after a reload is parsed with its limits
         try:
             events = self.parser.feed(data)
         except ProtocolError as exc:
