@@ -305,8 +305,9 @@ def test_a_passing_active_check_ends_an_ejection_at_once(
         interval=0.02,
         message="b to get traffic again",
     )
-    # Within one check interval (plus the time for a request to come by), not 60 s.
-    assert time.monotonic() - revived < interval + AT_ONCE
+    # Within one check interval (plus slack for a loaded machine), not after the 60 s.
+    took = time.monotonic() - revived
+    assert took < interval + 2 * AT_ONCE, f"b got traffic {took:.2f}s after it revived"
     assert log_lines(proxy, f"app {b.label} back after ejection: active check passed")
     assert spread(proxy.port, 20)["b"] > 0
 
