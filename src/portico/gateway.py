@@ -1,10 +1,12 @@
-"""Composition root: build the data plane from a config, run it, stop it gracefully.
+"""Composition root: ``Gateway`` builds everything from a config and owns its lifecycle
+(``start``, ``reload``, ``scale``, ``stop``).
 
 Process model. With ``workers = 1`` (the default) everything runs in one process. With N > 1
 this process becomes a small master: it spawns N worker processes that each bind the listen
 addresses with SO_REUSEPORT (the kernel spreads new connections across them), forwards
-SIGTERM/SIGINT to them and replaces a worker that dies. Later, the control plane (health
-checks, orchestration) runs once in the master and publishes endpoint state to workers.
+SIGTERM/SIGINT to them and replaces a worker that dies. The control plane (health checks,
+apps, discovery) runs once, in the master, which publishes endpoint state to the workers and
+hands each of them the config of every reload (``control.bus``).
 """
 
 from __future__ import annotations
