@@ -251,6 +251,24 @@ def test_a_refused_reload_keeps_the_old_config_and_says_why(
     assert not log_lines(proxy, "runs the reloaded config")
 
 
+def test_a_config_larger_than_a_pipe_buffer_reaches_every_worker_every_time(
+    steerable: Callable[..., list[Steerable]], portico: PorticoFactory, tmp_path: Path
+) -> None:
+    a, b = steerable("a", "b")
+    config = base_config(a, b, tmp_path / "access.log")
+    # 150 upstreams and routes: the config travels to the workers as a message of about
+    # 190 KB, three times a pipe's 64 KiB buffer.
+    for i in range(150):
+        config["upstreams"][f"u{i}"] = {"backends": [b.url]}
+        config["routes"].insert(0, {"path": f"/u{i}/", "upstream": f"u{i}"})
+    proxy = portico(config, workers=2)
+    reload = Reloader(proxy, 2)  # waits for both workers' "runs the reloaded config"
+    for keepalive in (10.0, 11.0, 12.0):
+        reload(lambda d, k=keepalive: d["server"]["timeouts"].update(keepalive=k))
+    reload(lambda d: d["routes"].insert(0, {"path": "/new/", "upstream": "b"}))
+    everywhere(lambda: served_by(get(proxy.port, "/new/x")) == "b", "the last reload")
+
+
 def test_static_keys_are_reported_and_the_rest_applied(
     steerable: Callable[..., list[Steerable]], portico: PorticoFactory, tmp_path: Path
 ) -> None:

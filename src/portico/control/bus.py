@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -41,6 +42,18 @@ log = logging.getLogger("portico.bus")
 # How often workers report load for managed upstreams, and the master checks for endpoint
 # changes to publish: fast enough for draining and autoscaling, cheap at any traffic.
 STATS_EVERY = 0.1
+
+def _blocking_again(pipe: Connection) -> None:
+    """Undo the O_NONBLOCK that uvloop's ``add_reader`` sets (libuv's poll handles do).
+
+    ``Connection.send`` and ``recv`` frame messages with blocking writes and reads: on a
+    non-blocking pipe a message larger than the pipe buffer (a reloaded config easily is)
+    fails half-written, and the framing of everything after it is lost. Blocking is safe
+    here: a reader only runs when the pipe is readable, and the peer process is always
+    reading or about to.
+    """
+    os.set_blocking(pipe.fileno(), True)
+
 
 class MasterBus:
     """The master's ends of the pipes; publishes state and folds in workers' reports."""
@@ -65,6 +78,7 @@ class MasterBus:
                 if not ep.up:
                     self._send(key, ("health", name, ep.label, False))
         asyncio.get_running_loop().add_reader(pipe.fileno(), self._readable, key)
+        _blocking_again(pipe)
 
     def remove(self, key: int) -> None:
         pipe = self._pipes.pop(key, None)
@@ -214,6 +228,7 @@ def follow_master(
         timer = loop.call_later(STATS_EVERY, report)
 
     loop.add_reader(pipe.fileno(), readable)
+    _blocking_again(pipe)
     install_demand()
     # Always on: a reload may add a managed upstream. An empty report is a few bytes.
     timer = loop.call_later(STATS_EVERY, report)
