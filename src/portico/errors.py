@@ -21,6 +21,11 @@ class ConfigError(PorticoError):
         super().__init__("; ".join(f"{p}: {r}" for p, r in problems) or "invalid configuration")
 
 
+class StartupError(PorticoError):
+    """Portico could not start (a busy port, a pid file in use, an unwritable path); the
+    message names what and where, for one line on the terminal."""
+
+
 # --- client side: the request itself is at fault -------------------------------------------
 
 

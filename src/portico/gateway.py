@@ -25,6 +25,7 @@ from typing import Any
 
 from portico.config.load import load_file
 from portico.config.model import Config
+from portico.control import pidfile
 from portico.control.bus import STATS_EVERY, MasterBus, follow_master
 from portico.control.health import apply_state, log_transition
 from portico.control.orchestrator import Orchestrator
@@ -36,7 +37,7 @@ from portico.dataplane.exchange import HandlerFactory
 from portico.dataplane.listener import bind_socket
 from portico.dataplane.local import LocalExchange
 from portico.dataplane.proxy import ProxyExchange
-from portico.errors import ConfigError
+from portico.errors import ConfigError, StartupError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import KIND_PROXY
@@ -182,6 +183,11 @@ async def run_dataplane(
         orchestrator = Orchestrator(config, lambda: ctx.snapshot)
         orchestrator.start()
         loop.add_signal_handler(signal.SIGUSR1, orchestrator.rolling_restart)
+    elif state_pipe is None:
+        # Not the default action (terminate): a stray `kill -USR1` must not stop the server.
+        loop.add_signal_handler(signal.SIGUSR1, log.info, "SIGUSR1: no app instances to restart")
+    if source is None and state_pipe is None:
+        loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: no config file to reload")
     if source is not None:
         state = {"config": config}
 
@@ -277,7 +283,9 @@ def _worker_entry(
 
 def _check_bindable(config: Config) -> None:
     for address in config.server.listen:
-        bind_socket(address, reuse_port=True, backlog=1).close()
+        # Without SO_REUSEPORT: a port another process holds, even one that shares it (a
+        # second Portico), is refused here, so the port is only ever shared by our workers.
+        bind_socket(address, reuse_port=False, backlog=1).close()
 
 
 def serve(config: Config, source: ConfigSource | None = None) -> int:
@@ -288,8 +296,12 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
     config = with_secrets(config)
     pid_file = config.server.pid_file
     if pid_file:
-        with open(pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            note = pidfile.claim(pid_file)
+        except (pidfile.NotPortico, OSError) as exc:
+            raise StartupError(f"pid file: {exc}") from None
+        if note:
+            log.info("%s", note)
     try:
         if config.server.workers == 1:
             return run_worker(config, reuse_port=False, source=source)
@@ -297,8 +309,7 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
         return _Master(config, source).run()
     finally:
         if pid_file:
-            with contextlib.suppress(OSError):
-                os.unlink(pid_file)
+            pidfile.remove(pid_file)
 
 
 class _Master:
@@ -376,6 +387,8 @@ class _Master:
         if self.orchestrator is not None:
             self.orchestrator.start()
             loop.add_signal_handler(signal.SIGUSR1, self.orchestrator.rolling_restart)
+        else:
+            loop.add_signal_handler(signal.SIGUSR1, log.info, "SIGUSR1: no app instances to restart")
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATS_EVERY)
