@@ -185,7 +185,7 @@ async def run_dataplane(
         loop.add_signal_handler(signal.SIGUSR1, orchestrator.rolling_restart)
     elif state_pipe is None:
         # Not the default action (terminate): a stray `kill -USR1` must not stop the server.
-        loop.add_signal_handler(signal.SIGUSR1, log.info, "SIGUSR1: no app instances to restart")
+        loop.add_signal_handler(signal.SIGUSR1, log.info, "SIGUSR1: no apps to restart")
     if source is None and state_pipe is None:
         loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: no config file to reload")
     if source is not None:
@@ -388,7 +388,7 @@ class _Master:
             self.orchestrator.start()
             loop.add_signal_handler(signal.SIGUSR1, self.orchestrator.rolling_restart)
         else:
-            loop.add_signal_handler(signal.SIGUSR1, log.info, "SIGUSR1: no app instances to restart")
+            loop.add_signal_handler(signal.SIGUSR1, log.info, "SIGUSR1: no apps to restart")
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATS_EVERY)

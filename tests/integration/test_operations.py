@@ -119,7 +119,7 @@ def test_pid_file_lifecycle_reload_and_stop(
     restart = portico_cmd("restart", "--pid-file", str(pid_file))
     assert restart.returncode == 0, restart.stderr
     wait_until(
-        lambda: "no app instances to restart" in proc.output(), 10, message="SIGUSR1 logged"
+        lambda: "no apps to restart" in proc.output(), 10, message="SIGUSR1 logged"
     )
     assert proc.alive(), "SIGUSR1 without apps must not stop the server"
 
