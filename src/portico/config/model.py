@@ -42,6 +42,11 @@ class Limits(Strict):
     max_body_bytes: Size | None = Field(
         None, description="largest request body (413); unset means unlimited"
     )
+    underscores_in_headers: bool = Field(
+        False,
+        description="pass header names with '_' on (dropped by default, as nginx does);"
+        " one that reads as a forwarding header Portico sets is dropped anyway",
+    )
 
 
 class ClientTimeouts(Strict):

@@ -74,6 +74,7 @@ class ClientConnection(asyncio.Protocol):
             max_header_bytes=s.max_header_bytes,
             max_headers=s.max_headers,
             max_body=s.max_body,
+            drop_underscores=s.drop_underscores,
         )
         self.transport: asyncio.Transport | None = None
         self.exchange: Handler | None = None

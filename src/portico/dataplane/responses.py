@@ -1,7 +1,7 @@
 """The one place that turns an error into an HTTP response.
 
 Error responses are built once per (status, close) pair and cached, so answering a flood of
-bad requests costs no formatting.
+bad requests costs no formatting; only the cached ``Date`` line is joined in.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from portico.codec.writer import REASONS, status_line
+from portico.dataplane.clock import date_line
 from portico.errors import NoHealthyEndpoint, PorticoError
 
 # Seconds a client is told to wait when nothing can serve it; short because endpoints
@@ -16,8 +17,15 @@ from portico.errors import NoHealthyEndpoint, PorticoError
 RETRY_AFTER_SECONDS = 1
 
 
-@lru_cache(maxsize=64)
 def error_response(status: int, close: bool = True, retry_after: int | None = None) -> bytes:
+    """The whole response for ``status``, with the current ``Date``."""
+    head, body = _error_parts(status, close, retry_after)
+    return head + date_line() + b"\r\n" + body
+
+
+@lru_cache(maxsize=64)
+def _error_parts(status: int, close: bool, retry_after: int | None) -> tuple[bytes, bytes]:
+    """(head without its Date and final CRLF, body): the part that never changes."""
     reason = REASONS.get(status, b"Error")
     body = b"%d %b\n" % (status, reason)
     headers = [
@@ -30,8 +38,7 @@ def error_response(status: int, close: bool = True, retry_after: int | None = No
         headers.append((b"Connection", b"close"))
     out = [status_line(status, reason)]
     out.extend(name + b": " + value + b"\r\n" for name, value in headers)
-    out.append(b"\r\n")
-    return b"".join(out) + body
+    return b"".join(out), body
 
 
 def response_for(
