@@ -30,6 +30,7 @@ from portico.control.bus import STATS_EVERY, MasterBus, follow_master
 from portico.control.health import apply_state, log_transition
 from portico.control.orchestrator import Orchestrator
 from portico.control.prober import Prober
+from portico.control.stopping import StopSignals, release_held, stop_apps, wait_drained
 from portico.dataplane.accesslog import AccessLog
 from portico.dataplane.connection import ClientConnection
 from portico.dataplane.context import ClientSettings, ProxyContext
@@ -168,9 +169,11 @@ async def run_dataplane(
     # sight so full collections stay short and do not show up as latency spikes.
     gc.collect()
     gc.freeze()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    signals = StopSignals(
+        lambda: f"{len(ctx.connections)} open connection(s)", config.server.shutdown_grace
+    )
+    signals.install(loop, worker=state_pipe is not None)
+    stop = signals.graceful
     prober: Prober | None = None
     stop_bus: Callable[[], None] | None = None
     if state_pipe is None:
@@ -216,10 +219,12 @@ async def run_dataplane(
         prober.stop()
     if stop_bus is not None:
         stop_bus()
-    log.info("stopping: %d open connections", len(ctx.connections))
-    await _drain(ctx, servers, config.server.shutdown_grace)
+    if held := release_held(ctx.snapshot):
+        log.info("stopping: answered %d request(s) held for a cold start with 503", held)
+    await _drain(ctx, servers, config.server.shutdown_grace, signals.immediate)
     if orchestrator is not None:
-        await orchestrator.stop()  # after the clients: their requests finished first
+        # After the clients: their requests finished first.
+        await stop_apps(orchestrator, signals.immediate)
     if flusher is not None:
         flusher.cancel()
     if access_log is not None:
@@ -227,16 +232,15 @@ async def run_dataplane(
     return 0
 
 
-async def _drain(ctx: ProxyContext, servers: list[asyncio.Server], grace: float) -> None:
+async def _drain(
+    ctx: ProxyContext, servers: list[asyncio.Server], grace: float, immediate: asyncio.Event
+) -> None:
     ctx.closing = True
     for server in servers:
         server.close()
     for conn in list(ctx.connections):
         conn.shutdown()
-    deadline = time.monotonic() + grace
-    # Poll rather than wire a completion event through every connection: shutdown is rare.
-    while ctx.connections and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await wait_drained(lambda: len(ctx.connections), grace, immediate)
     for conn in list(ctx.connections):
         conn.abort()
     ctx.pools.close_all()
@@ -377,9 +381,13 @@ class _Master:
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        signals = StopSignals(
+            lambda: f"{sum(p.is_alive() for p in self.procs)} worker(s) to finish",
+            self.config.server.shutdown_grace,
+            on_immediate=lambda: self._signal_workers(signal.SIGTERM),  # their second one
+        )
+        signals.install(loop)
+        stop = signals.graceful
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         self.procs = [self._spawn() for _ in range(self.config.server.workers)]
         log.info("master %d started %d workers", os.getpid(), len(self.procs))
@@ -406,14 +414,21 @@ class _Master:
                     self.procs[i] = self._spawn()
         self.prober.stop()
         self._signal_workers(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.server.shutdown_grace + 5
-        while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_drained(
+            lambda: sum(p.is_alive() for p in self.procs),
+            self.config.server.shutdown_grace + 5,
+            signals.immediate,
+            "worker(s)",
+        )
+        if signals.immediate.is_set():  # they got a second SIGTERM: a moment to take it
+            never = asyncio.Event()
+            await wait_drained(lambda: sum(p.is_alive() for p in self.procs), 2.0, never)
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
             proc.join(1)
         self.bus.close()
         if self.orchestrator is not None:
-            await self.orchestrator.stop()  # after the workers: their requests finished first
+            # After the workers: their requests finished first.
+            await stop_apps(self.orchestrator, signals.immediate)
         return 0
