@@ -35,7 +35,7 @@ from portico.dataplane.accesslog import AccessLog
 from portico.dataplane.connection import ClientConnection
 from portico.dataplane.context import ClientSettings, ProxyContext
 from portico.dataplane.exchange import HandlerFactory
-from portico.dataplane.listener import bind_socket
+from portico.dataplane.listener import bind_socket, listen_queue_warning
 from portico.dataplane.local import LocalExchange
 from portico.dataplane.proxy import ProxyExchange
 from portico.errors import ConfigError, StartupError
@@ -298,6 +298,8 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
     With a ``source``, SIGHUP reloads routes and upstreams from it.
     """
     config = with_secrets(config)
+    if warning := listen_queue_warning(config.server.backlog):
+        log.warning("%s", warning)
     pid_file = config.server.pid_file
     if pid_file:
         try:

@@ -62,3 +62,23 @@ def port_holder(port: int) -> str:
                     name = "?"
                 return f" (held by process {pid}: {name})"
     return ""
+
+
+# Below this many queued connections a burst of new clients overflows the listen queue; the
+# kernel then drops SYNs, and a dropped SYN is retried only after 1 s, then 3 s.
+SMALL_LISTEN_QUEUE = 4096
+
+
+def listen_queue_warning(backlog: int) -> str | None:
+    """A warning when the kernel caps the listen queue well below ``backlog``, or None."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            cap = int(f.read())
+    except (OSError, ValueError):
+        return None
+    if cap >= min(backlog, SMALL_LISTEN_QUEUE):
+        return None
+    return (
+        f"net.core.somaxconn is {cap}: bursts of more than {cap} new connections get SYNs"
+        f" dropped (retried after 1 s); raise it: sysctl -w net.core.somaxconn={backlog}"
+    )
