@@ -59,19 +59,27 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(path_type=str))
+@click.option("--strict", is_flag=True, help="Also check that the listen addresses are free.")
 @click.pass_context
-def check(ctx: click.Context, file: str) -> None:
-    """Validate the config FILE without starting anything.
+def check(ctx: click.Context, file: str, strict: bool) -> None:
+    """Validate the config FILE and what it needs of this machine, starting nothing.
 
     Prints every problem as "key.path: reason", one per line, and exits 1; or prints a short
-    summary of what would run and exits 0.
+    summary of what would run and exits 0. Besides the schema: files Portico writes can be
+    written, app directories and commands exist, wsgi/asgi modules import, and with
+    --strict, the listen addresses are free.
     """
+    from portico.control.envcheck import check_environment
+
     # No click.Path(exists=True): a missing file is a config problem like any other (exit 1,
     # same format), not a usage error.
     try:
         config = load_file(file)
     except ConfigError as e:
         _echo_problems(e)
+        ctx.exit(EXIT_CHECK_FAILED)
+    if problems := check_environment(config, strict=strict):
+        _echo_problems(ConfigError(problems))
         ctx.exit(EXIT_CHECK_FAILED)
     for line in summarize(config, file):
         click.echo(line)
@@ -439,10 +447,15 @@ def _run(config: Config, source: ConfigSource | None = None) -> int:
     # only needed by the commands that serve, and `check` must work without it.
     import logging
 
+    from portico.control.envcheck import check_environment
     from portico.gateway import LOG_FORMAT, serve
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     debug = bool((click.get_current_context().obj or {}).get("debug"))
+    if problems := check_environment(config):
+        for path, reason in problems:
+            click.echo(f"portico: cannot start: {path}: {reason}", err=True)
+        return EXIT_CONFIG_REFUSED
     try:
         code: int = serve(config, source)
     except Exception as exc:

@@ -98,9 +98,14 @@ class BadResponse(UpstreamError):
 
 
 class NoHealthyEndpoint(PorticoError):
-    """No endpoint is configured or available for the route: 503."""
+    """No endpoint is configured or available for the route: 503. ``detail``: a short reason
+    the client is told (an app crash-looping), or None."""
 
     status = 503
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.detail = detail
 
 
 class NoRoute(PorticoError):
