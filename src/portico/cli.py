@@ -477,7 +477,7 @@ def user_facing(exc: BaseException) -> str | None:
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         extra = OPTIONAL_DEPENDENCIES.get(exc.name.partition(".")[0])
         if extra is not None:
-            return f"cannot start: {exc.name} is not installed: pip install 'portico[{extra}]'"
+            return f"cannot start: {exc.name} is not installed: pip install -e '.[{extra}]'"
         return None
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""

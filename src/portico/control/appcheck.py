@@ -65,7 +65,7 @@ def check_app(spec: App) -> list[tuple[str, str]]:
             continue
         server, extra = _SERVERS[kind]
         if importlib.util.find_spec(server) is None:
-            return [(kind, f"{server} is not installed: pip install 'portico[{extra}]'")]
+            return [(kind, f"{server} is not installed: pip install -e '.[{extra}]'")]
         failure = import_failure(target, cwd, spec.env)
         return [(kind, failure)] if failure else []
     assert spec.command is not None
@@ -138,10 +138,10 @@ _CAUSE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Exit|Interrupt)\b.*|^(error|f
 
 def cause(tail: Iterable[str]) -> str | None:
     """The line of an instance's last output that names why it died: the last exception
-    line of a traceback (gunicorn prints its own lines after it), else the last line."""
-    lines = [line.strip() for line in tail if line.strip()]
-    for line in reversed(lines):
+    (or ``Error:``) line (gunicorn prints its own lines after a traceback), or None when
+    there is none (killed by a signal, or the output says nothing)."""
+    for line in reversed([line.strip() for line in tail]):
         # gunicorn's own log lines are "[date] [pid] [LEVEL] ..."; the cause is not one.
         if _CAUSE.match(line):
             return line
-    return lines[-1] if lines else None
+    return None
