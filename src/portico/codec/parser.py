@@ -20,10 +20,11 @@ Extension methods. llhttp knows a fixed list of methods and fails on any other, 
 9.1 allows any token (``PURGE``, ``BAN``, ``VERSION-CONTROL``...). So at a message boundary the
 parser looks at the method token before llhttp does: a token llhttp does not know is replaced
 by ``GET`` in the bytes llhttp sees and restored in the ``RequestHead``. llhttp treats request
-framing alike for every method but CONNECT, which it knows. The check is one ``find`` and one
-set lookup per request; a token split across reads is held until its space arrives. A
-pipelined extension-method request after another in the same read is found by llhttp's error
-and that read is parsed again one byte at a time (rare: clients do not pipeline those).
+framing alike for every method but CONNECT, which it knows. The check is one ``startswith``
+on a tuple of the common methods per request (a ``find`` and a set lookup for the others); a
+token split across reads is held until its space arrives. A pipelined extension-method
+request after another in the same read is found by llhttp's error and that read is parsed
+again one byte at a time (rare: clients do not pipeline those).
 
 ``feed`` returns the events completed by that data. A protocol error raises
 :class:`portico.errors.ProtocolError` (requests) or :class:`portico.errors.BadResponse`
@@ -79,6 +80,8 @@ def _llhttp_methods() -> frozenset[bytes]:
 
 
 _KNOWN_METHODS = _llhttp_methods()
+# Checked first, with their space: nearly every request starts with one of these.
+_COMMON_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")
 
 # Bytes a Host value may hold (RFC 3986 host and port: reg-name, IP literal, pct-encoding).
 # Anything else (space, '/', '@', '?'...) makes Host ambiguous to whatever uses it next, and
@@ -103,11 +106,11 @@ class RequestParser:
         "_body_bytes",
         "_conn_values",
         "_drop_underscores",
-        "_dropped",
         "_error",
         "_events",
         "_expect",
         "_fed",
+        "_fields_left",
         "_head_bytes",
         "_headers",
         "_host",
@@ -162,7 +165,7 @@ class RequestParser:
         self._conn_values: list[bytes] = []
         self._expect: bytes | None = None
         self._head_bytes = 0
-        self._dropped = 0
+        self._fields_left = self._max_headers
         self._fed = 0
         self._body_bytes = 0
 
@@ -182,15 +185,12 @@ class RequestParser:
         was_in_head = self._in_head
         original = data
         started_at_boundary = self._at_boundary
-        if started_at_boundary:
-            self._method = None
-            # The hot path: a whole method token llhttp knows. One find, one set lookup.
-            space = data.find(b" ", 0, _MAX_METHOD + 1)
-            if self._pending or space < 1 or data[:space] not in _KNOWN_METHODS:
-                rewritten = self._rewrite_method(data)
-                if rewritten is None:
-                    return events  # an unknown method token, not whole yet: held
-                data = rewritten
+        # The hot path: a common method, whole. One startswith on a tuple, in C.
+        if started_at_boundary and (self._pending or not data.startswith(_COMMON_METHODS)):
+            rewritten = self._rewrite_method(data)
+            if rewritten is None:
+                return events  # an unknown method token, not whole yet: held
+            data = rewritten
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserInvalidMethodError:
@@ -243,6 +243,7 @@ class RequestParser:
         self._parser = httptools.HttpRequestParser(self)
         self._at_boundary = True
         self._pending = b""
+        self._method = None
         self._in_head = False
         events: list[Event] = []
         for i in range(len(data)):
@@ -295,18 +296,12 @@ class RequestParser:
         if b"_" in name and (self._drop_underscores or name.lower() in _SHADOWED):
             # Some WSGI servers read X_Forwarded_For as X-Forwarded-For: passed on, it would
             # get around the forwarding rules. Dropped as nginx does (counted in the limits).
-            self._dropped += 1
-            if (
-                len(headers) + self._dropped > self._max_headers
-                or self._head_bytes > self._max_header_bytes
-            ):
+            self._fields_left -= 1  # still counted against max_headers
+            if len(headers) > self._fields_left or self._head_bytes > self._max_header_bytes:
                 raise ProtocolError("request header fields too large", 431)
             return
         headers.append((name, value))
-        if (
-            len(headers) + self._dropped > self._max_headers
-            or self._head_bytes > self._max_header_bytes
-        ):
+        if len(headers) > self._fields_left or self._head_bytes > self._max_header_bytes:
             raise ProtocolError("request header fields too large", 431)
         # Only a handful of names matter to framing; compare lengths first to stay cheap.
         n = len(name)
@@ -337,7 +332,11 @@ class RequestParser:
             raise ProtocolError(f"HTTP/{version} is not supported", 505)
         if self._host is not None and self._host.translate(None, _HOST_BYTES):
             raise ProtocolError("invalid Host header", 400)
-        method = self._method or parser.get_method()
+        method = self._method
+        if method is None:
+            method = parser.get_method()
+        else:
+            self._method = None
         if method == b"CONNECT":
             raise ProtocolError("CONNECT is not served by a reverse proxy", 501)
         if not self._url:
