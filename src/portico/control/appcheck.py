@@ -46,10 +46,15 @@ if attr and not hasattr(m, attr.split('(')[0]):
 def check_apps(config: Config) -> list[tuple[str, str]]:
     """Every problem found with the config's local apps, as ``(key path, reason)``."""
     problems: list[tuple[str, str]] = []
+    no_sdk = importlib.util.find_spec("docker") is None
     for name, upstream in config.upstreams.items():
-        if upstream.app is not None and upstream.app.docker is None:
+        app = upstream.app
+        if app is not None and app.docker is None:
             path = f"upstreams.{name}.app"
-            problems.extend((f"{path}.{key}", why) for key, why in check_app(upstream.app))
+            problems.extend((f"{path}.{key}", why) for key, why in check_app(app))
+        elif no_sdk and (app is not None or upstream.discover is not None):
+            path = f"upstreams.{name}.{'app.docker' if app is not None else 'discover'}"
+            problems.append((path, "the docker SDK is not installed: pip install -e '.[docker]'"))
     return problems
 
 
