@@ -7,7 +7,6 @@ Python) and stopped by the test that started it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -202,5 +201,6 @@ def test_an_unwritable_access_log_is_one_line(tmp_path: Path) -> None:
     result = portico_cmd("serve", "-c", str(config))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert f"{tmp_path}/missing/access.log" in result.stderr
-    assert os.path.exists(config)
+    assert result.stderr.strip() == (
+        f"portico: cannot start: access_log.path: directory {tmp_path}/missing does not exist"
+    )
