@@ -88,6 +88,22 @@ def test_portico_own_answers_carry_a_date(portico: PorticoFactory) -> None:
     assert_fresh_date(response)
 
 
+def test_local_replies_carry_a_date(portico: PorticoFactory) -> None:
+    config = config_for("http://127.0.0.1:1")
+    config["routes"] = [
+        {"path": "/hello", "respond": {"body": "hi"}},
+        {"path": "/app/", "upstream": "app"},
+    ]
+    proxy = portico(config)
+    with RawConnection(proxy.port) as conn:
+        response = conn.request("GET", "/hello")
+        assert (response.status, response.body) == (200, b"hi")
+        assert_fresh_date(response)
+        missing = conn.request("GET", "/elsewhere")
+    assert missing.status == 404
+    assert_fresh_date(missing)
+
+
 def test_an_unknown_transfer_coding_is_501(
     raw_backend: RawBackendFactory, portico: PorticoFactory
 ) -> None:
