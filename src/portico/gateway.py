@@ -205,6 +205,9 @@ async def run_dataplane(
             log.info("reloaded %s: %d upstream(s)", source.path, len(new.upstreams))
 
         loop.add_signal_handler(signal.SIGHUP, reload)
+    # A worker starts with SIGHUP blocked (_Master._spawn): one the master forwarded while it
+    # was starting is delivered to the handler now instead of killing it.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     flusher: asyncio.TimerHandle | None = None
     if access_log is not None:
 
@@ -352,7 +355,13 @@ class _Master:
         ours, theirs = self.mp.Pipe(duplex=True)
         data = self.config.model_dump(mode="json")
         proc = self.mp.Process(target=_worker_entry, args=(data, self.source, theirs), daemon=False)
-        proc.start()
+        # The worker inherits a blocked SIGHUP (through exec) until run_dataplane handles it:
+        # a reload forwarded while it starts then waits for it instead of killing it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         theirs.close()
         assert proc.pid is not None
         self.started[proc.pid] = time.monotonic()

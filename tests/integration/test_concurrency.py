@@ -245,6 +245,8 @@ def test_5000_idle_keepalive_clients_do_not_block_new_ones(
 # holds a burst (tests/support/backends.py BACKLOG).
 BURST = 5000
 BURST_ROUNDS = 3
+# The plain request is served within this, SYN drops aside, even on a loaded machine.
+BURST_DEADLINE = 5.0
 # The test process holds both ends it owns: the clients and the backend's side of Portico's
 # upstream connections (up to one per client in a burst).
 BURST_FDS = 2 * BURST + 500
@@ -309,12 +311,13 @@ def test_a_plain_request_right_after_a_5000_connection_burst_is_served(
                     response = conn.recv_response()
                 latency = time.monotonic() - t0
                 assert response.status == 200 and response.body == b"ok", response.raw
-                # A burst beyond even the kernel's cap can still overflow it on a loaded
-                # host (one SYN retry, 1 s); two retries (3 s) would miss this deadline.
-                assert latency < FRESH_DEADLINE, (
-                    f"round {round_ + 1}: the plain request was served after {latency:.1f}s;"
-                    f" its SYN was dropped {resent} time(s) (listen queue overflow)"
+                # Its SYN was not dropped (a listen queue overflow costs 1 s, then 3 s); how
+                # fast it is served after 5,000 others depends on the machine's load.
+                assert resent == 0, (
+                    f"round {round_ + 1}: the plain request's SYN was dropped {resent} time(s)"
+                    f" (listen queue overflow); served after {latency:.1f}s"
                 )
+                assert latency < BURST_DEADLINE
                 started = time.monotonic()
                 clients.exchange(burst, REQUEST, started + 60, connecting=True)
                 print(

@@ -7,12 +7,15 @@ Python) and stopped by the test that started it.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import PorticoFactory, RawBackendFactory
@@ -117,9 +120,7 @@ def test_pid_file_lifecycle_reload_and_stop(
     wait_until(lambda: "reloaded" in proc.output(), 10, message="the reload to be logged")
     restart = portico_cmd("restart", "--pid-file", str(pid_file))
     assert restart.returncode == 0, restart.stderr
-    wait_until(
-        lambda: "no apps to restart" in proc.output(), 10, message="SIGUSR1 logged"
-    )
+    wait_until(lambda: "no apps to restart" in proc.output(), 10, message="SIGUSR1 logged")
     assert proc.alive(), "SIGUSR1 without apps must not stop the server"
 
     stop = portico_cmd("stop", "--pid-file", str(pid_file))
@@ -185,7 +186,9 @@ def test_a_port_held_by_another_program_is_named(tmp_path: Path) -> None:
         assert result.returncode == 2
         assert f"held by process {holder.pid}" in result.stderr
         assert "Traceback" not in result.stderr
-        debug = portico_cmd("--debug", "proxy", "--listen", f"127.0.0.1:{port}", "-b", "http://127.0.0.1:1")
+        debug = portico_cmd(
+            "--debug", "proxy", "--listen", f"127.0.0.1:{port}", "-b", "http://127.0.0.1:1"
+        )
         assert "Traceback" in debug.stderr, "--debug shows the traceback"
     finally:
         holder.stop(timeout=5)
@@ -204,3 +207,27 @@ def test_an_unwritable_access_log_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         f"portico: cannot start: access_log.path: directory {tmp_path}/missing does not exist"
     )
+
+
+def test_a_reload_while_workers_start_does_not_kill_them(
+    tmp_path: Path, raw_backend: RawBackendFactory, started: Callable[..., ManagedProcess]
+) -> None:
+    backend = raw_backend(respond())
+    port = free_port()
+    config = tmp_path / "portico.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\nworkers = 2\n'
+        f'[upstreams.app]\nbackends = ["{backend.url}"]\n'
+    )
+    proc = started("serve", "-c", str(config))
+    # SIGHUP as soon as the workers exist, before they can have set up their handlers.
+    wait_until(
+        lambda: len(psutil.Process(proc.pid).children()) >= 2,
+        15,
+        interval=0.005,
+        message="the workers to be spawned",
+    )
+    os.kill(proc.pid, signal.SIGHUP)
+    wait_for_port(port, timeout=15)
+    wait_until(lambda: proc.output().count("reloaded") >= 2, 15, message="both workers reloaded")
+    assert "exited with" not in proc.output(), proc.output()
