@@ -17,8 +17,19 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       || echo "could not install docker.io busybox-static: container tests will skip" >&2
   fi
 fi
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+# Debian and Ubuntu ship Python without venv's ensurepip (package python3-venv).
+if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing python3-venv" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  else
+    echo "$PYTHON has no venv support: apt install python3-venv (as root) first" >&2
+    exit 1
+  fi
+fi
+# A .venv without pip is what a failed `python3 -m venv` leaves behind: make it again.
+if [ ! -x .venv/bin/pip ]; then
+  "$PYTHON" -m venv --clear .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check src tests bench examples

@@ -16,7 +16,9 @@ Exit codes:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, get_args
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, get_args
 
 import click
 from pydantic import BaseModel
@@ -25,10 +27,11 @@ from portico import __version__
 from portico.config.load import config_for_app, config_from_flags, load_file
 from portico.config.model import AccessLog, Config, Server, Upstream
 from portico.config.routes import describe
-from portico.errors import ConfigError
+from portico.errors import ConfigError, StartupError
 from portico.policy.balancers import BALANCERS
 
 if TYPE_CHECKING:
+    from portico.control.pidfile import Master
     from portico.gateway import ConfigSource
 
 EXIT_CHECK_FAILED = 1
@@ -47,25 +50,36 @@ _ACCESS_LOG_CHOICES = ", ".join(get_args(AccessLog.model_fields["format"].annota
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="portico")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show Python tracebacks of failures.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """Portico: an HTTP reverse proxy and load balancer."""
+    ctx.obj = {"debug": debug}
 
 
 @main.command()
 @click.argument("file", type=click.Path(path_type=str))
+@click.option("--strict", is_flag=True, help="Also check that the listen addresses are free.")
 @click.pass_context
-def check(ctx: click.Context, file: str) -> None:
-    """Validate the config FILE without starting anything.
+def check(ctx: click.Context, file: str, strict: bool) -> None:
+    """Validate the config FILE and what it needs of this machine, starting nothing.
 
     Prints every problem as "key.path: reason", one per line, and exits 1; or prints a short
-    summary of what would run and exits 0.
+    summary of what would run and exits 0. Besides the schema: files Portico writes can be
+    written, app directories and commands exist, wsgi/asgi modules import, and with
+    --strict, the listen addresses are free.
     """
+    from portico.control.envcheck import check_environment
+
     # No click.Path(exists=True): a missing file is a config problem like any other (exit 1,
     # same format), not a usage error.
     try:
         config = load_file(file)
     except ConfigError as e:
         _echo_problems(e)
+        ctx.exit(EXIT_CHECK_FAILED)
+    if problems := check_environment(config, strict=strict):
+        _echo_problems(ConfigError(problems))
         ctx.exit(EXIT_CHECK_FAILED)
     for line in summarize(config, file):
         click.echo(line)
@@ -249,48 +263,147 @@ def run(
     ctx.exit(_run(config))
 
 
+def _target_options(f: Callable[..., None]) -> Callable[..., None]:
+    """--pid, --pid-file and -c: the three ways to name the running Portico."""
+    f = click.option(
+        "-c",
+        "--config",
+        "config_file",
+        default=None,
+        metavar="FILE",
+        help="Config whose server.pid_file names the running Portico.",
+    )(f)
+    f = click.option(
+        "--pid-file", default=None, metavar="FILE", help="Pid file of the running Portico."
+    )(f)
+    return click.option("--pid", type=int, default=None, help="Process id of the running Portico.")(
+        f
+    )
+
+
 @main.command()
-@click.option("--pid", type=int, default=None, help="Process id of the running Portico.")
-@click.option(
-    "-c",
-    "--config",
-    "config_file",
-    default=None,
-    metavar="FILE",
-    help="Config whose server.pid_file names the running Portico.",
-)
+@_target_options
 @click.pass_context
-def restart(ctx: click.Context, pid: int | None, config_file: str | None) -> None:
+def restart(
+    ctx: click.Context, pid: int | None, pid_file: str | None, config_file: str | None
+) -> None:
     """Rolling restart of every app instance (the same as sending SIGUSR1).
 
     Instances are replaced one by one: a new one starts, becomes ready, then an old one
     drains and stops, so no request is lost.
     """
-    import os
     import signal
 
-    if pid is None:
-        if config_file is None:
-            raise click.UsageError("give --pid or -c FILE (with server.pid_file set)")
-        try:
-            config = load_file(config_file)
-        except ConfigError as e:
-            _echo_problems(e, err=True)
-            ctx.exit(EXIT_CONFIG_REFUSED)
-        if not config.server.pid_file:
-            raise click.UsageError(f"{config_file} sets no server.pid_file")
-        try:
-            with open(config.server.pid_file) as f:
-                pid = int(f.read().strip())
-        except (OSError, ValueError) as e:
-            click.echo(f"cannot read {config.server.pid_file}: {e}", err=True)
-            ctx.exit(1)
+    master = _find_master(ctx, pid, pid_file, config_file)
+    if master.command == "proxy":
+        _fail(ctx, f"process {master.pid} runs `portico proxy`: it has no app instances")
+    _signal(ctx, master.pid, signal.SIGUSR1)
+    click.echo(f"rolling restart requested from process {master.pid}")
+
+
+@main.command()
+@_target_options
+@click.pass_context
+def reload(
+    ctx: click.Context, pid: int | None, pid_file: str | None, config_file: str | None
+) -> None:
+    """Reload the config file of a running `portico serve` (the same as sending SIGHUP).
+
+    A file with problems is refused and the running config stays; the problems are in
+    Portico's log.
+    """
+    import signal
+
+    master = _find_master(ctx, pid, pid_file, config_file)
+    if master.command != "serve":
+        _fail(
+            ctx,
+            f"process {master.pid} runs `portico {master.command}`, which has no config file"
+            " to reload",
+        )
+    _signal(ctx, master.pid, signal.SIGHUP)
+    click.echo(f"reload requested from process {master.pid}")
+
+
+@main.command()
+@_target_options
+@click.option("--wait/--no-wait", default=True, help="Wait until it has stopped. [default: wait]")
+@click.option(
+    "--timeout", type=float, default=60.0, metavar="S", help="Longest wait. [default: 60]"
+)
+@click.pass_context
+def stop(
+    ctx: click.Context,
+    pid: int | None,
+    pid_file: str | None,
+    config_file: str | None,
+    wait: bool,
+    timeout: float,
+) -> None:
+    """Stop a running Portico gracefully (the same as sending SIGTERM)."""
+    import signal
+    import time
+
+    import psutil
+
+    master = _find_master(ctx, pid, pid_file, config_file)
+    _signal(ctx, master.pid, signal.SIGTERM)
+    click.echo(f"stop requested from process {master.pid}")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    while psutil.pid_exists(master.pid) and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(master.pid).status() == psutil.STATUS_ZOMBIE:
+                break  # stopped; its parent has yet to collect it
+        time.sleep(0.05)
+    if psutil.pid_exists(master.pid) and time.monotonic() >= deadline:
+        _fail(ctx, f"process {master.pid} is still stopping after {timeout:g}s")
+    click.echo(f"process {master.pid} stopped")
+
+
+def _find_master(
+    ctx: click.Context, pid: int | None, pid_file: str | None, config_file: str | None
+) -> Master:
+    """The running Portico master the options name, verified; exits 1 with the reason when
+    it is not one (a stale pid file, a pid now used by another program)."""
+    from portico.control import pidfile
+
+    if sum(x is not None for x in (pid, pid_file, config_file)) != 1:
+        raise click.UsageError("give exactly one of --pid, --pid-file or -c FILE")
     try:
-        os.kill(pid, signal.SIGUSR1)
+        if pid is not None:
+            return pidfile.verify(pid)
+        if config_file is not None:
+            try:
+                config = load_file(config_file)
+            except ConfigError as e:
+                _echo_problems(e, err=True)
+                ctx.exit(EXIT_CONFIG_REFUSED)
+            if not config.server.pid_file:
+                raise click.UsageError(f"{config_file} sets no server.pid_file")
+            pid_file = config.server.pid_file
+        assert pid_file is not None
+        return pidfile.read(pid_file)
+    except pidfile.NotPortico as exc:
+        _fail(ctx, str(exc))
+
+
+def _signal(ctx: click.Context, pid: int, sig: int) -> None:
+    import os
+
+    try:
+        os.kill(pid, sig)
     except ProcessLookupError:
-        click.echo(f"no process {pid}", err=True)
-        ctx.exit(1)
-    click.echo(f"rolling restart requested from process {pid}")
+        _fail(ctx, f"process {pid} is gone")
+    except PermissionError:
+        _fail(ctx, f"not allowed to signal process {pid} (another user's)")
+
+
+def _fail(ctx: click.Context, message: str) -> NoReturn:
+    click.echo(f"portico: {message}", err=True)
+    ctx.exit(EXIT_CHECK_FAILED)
+    raise AssertionError("unreachable")
 
 
 def summarize(config: Config, source: str) -> list[str]:
@@ -334,8 +447,43 @@ def _run(config: Config, source: ConfigSource | None = None) -> int:
     # only needed by the commands that serve, and `check` must work without it.
     import logging
 
+    from portico.control.envcheck import check_environment
     from portico.gateway import LOG_FORMAT, serve
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    code: int = serve(config, source)
+    debug = bool((click.get_current_context().obj or {}).get("debug"))
+    if problems := check_environment(config):
+        for path, reason in problems:
+            click.echo(f"portico: cannot start: {path}: {reason}", err=True)
+        return EXIT_CONFIG_REFUSED
+    try:
+        code: int = serve(config, source)
+    except Exception as exc:
+        message = user_facing(exc)
+        if message is None or debug:
+            raise
+        click.echo(f"portico: {message}", err=True)
+        return EXIT_CONFIG_REFUSED
     return code
+
+
+def user_facing(exc: BaseException) -> str | None:
+    """One line for a failure the user can fix (a busy port, a missing file, a missing
+    optional dependency), or None for a bug, whose traceback is worth showing."""
+    if isinstance(exc, StartupError):
+        return f"cannot start: {exc}"
+    if isinstance(exc, ConfigError):
+        return f"cannot start: {exc}"
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        extra = OPTIONAL_DEPENDENCIES.get(exc.name.partition(".")[0])
+        if extra is not None:
+            return f"cannot start: {exc.name} is not installed: pip install -e '.[{extra}]'"
+        return None
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot start:{where}: {exc.strerror or exc}"
+    return None
+
+
+# Optional imports and the extra that installs each (pyproject.toml's optional-dependencies).
+OPTIONAL_DEPENDENCIES = {"docker": "docker", "uvicorn": "asgi", "gunicorn": "demo"}

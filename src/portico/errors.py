@@ -21,6 +21,11 @@ class ConfigError(PorticoError):
         super().__init__("; ".join(f"{p}: {r}" for p, r in problems) or "invalid configuration")
 
 
+class StartupError(PorticoError):
+    """Portico could not start (a busy port, a pid file in use, an unwritable path); the
+    message names what and where, for one line on the terminal."""
+
+
 # --- client side: the request itself is at fault -------------------------------------------
 
 
@@ -87,9 +92,14 @@ class BadResponse(UpstreamError):
 
 
 class NoHealthyEndpoint(PorticoError):
-    """No endpoint is configured or available for the route: 503."""
+    """No endpoint is configured or available for the route: 503. ``detail``: a short reason
+    the client is told (an app crash-looping), or None."""
 
     status = 503
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.detail = detail
 
 
 class NoRoute(PorticoError):

@@ -28,18 +28,20 @@ from typing import Any
 
 from portico.config.load import load_file
 from portico.config.model import Config
+from portico.control import pidfile
 from portico.control.bus import STATS_EVERY, MasterBus, follow_master
 from portico.control.health import apply_state, end_ejection, log_transition, release_unchecked
 from portico.control.orchestrator import Orchestrator
 from portico.control.prober import Prober
+from portico.control.stopping import StopSignals, release_held, stop_apps, wait_drained
 from portico.dataplane.accesslog import AccessLog
 from portico.dataplane.connection import ClientConnection
 from portico.dataplane.context import ClientSettings, ProxyContext
 from portico.dataplane.exchange import HandlerFactory
-from portico.dataplane.listener import bind_socket
+from portico.dataplane.listener import bind_socket, listen_queue_warning
 from portico.dataplane.local import LocalExchange
 from portico.dataplane.proxy import ProxyExchange
-from portico.errors import ConfigError
+from portico.errors import ConfigError, StartupError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import KIND_PROXY
@@ -212,9 +214,10 @@ class Serving:
             old_log.close()
         self.config = config
 
-    async def stop(self, grace: float) -> None:
-        log.info("stopping: %d open connections", len(self.ctx.connections))
-        await _drain(self.ctx, self.servers, grace)
+    async def stop(self, grace: float, immediate: asyncio.Event) -> None:
+        if held := release_held(self.ctx.snapshot):
+            log.info("stopping: answered %d request(s) held for a cold start with 503", held)
+        await _drain(self.ctx, self.servers, grace, immediate)
         if self._flusher is not None:
             self._flusher.cancel()
         if self.ctx.access_log is not None:
@@ -240,9 +243,15 @@ class Control:
     def start(self) -> None:
         self.prober.update(self.snapshot_of())
         self.orchestrator.start()
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGUSR1, self.orchestrator.rolling_restart
-        )
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._restart_apps)
+
+    def _restart_apps(self) -> None:
+        # Handled even without apps (a reload may add some): the default action of a stray
+        # `kill -USR1` would terminate the server.
+        if self.orchestrator.supervisors:
+            self.orchestrator.rolling_restart()
+        else:
+            log.info("SIGUSR1: no apps to restart")
 
     def apply(self, config: Config, previous: Snapshot) -> None:
         """Follow a reload whose snapshot is already swapped in (``previous`` is the one it
@@ -260,9 +269,9 @@ class Control:
     def stop_checks(self) -> None:
         self.prober.stop()
 
-    async def stop(self) -> None:
+    async def stop(self, immediate: asyncio.Event) -> None:
         self.prober.stop()
-        await self.orchestrator.stop()
+        await stop_apps(self.orchestrator, immediate)
 
 
 class Gateway:
@@ -367,15 +376,17 @@ class Gateway:
         """Ask for ``n`` instances of app ``upstream`` (clamped to its min and max)."""
         return self.control is not None and self.control.scale(upstream, n)
 
-    async def stop(self) -> None:
-        """Drain clients (or the workers), then stop the control plane's apps."""
+    async def stop(self, immediate: asyncio.Event | None = None) -> None:
+        """Drain clients (or the workers), then stop the control plane's apps. Setting
+        ``immediate`` (a second Ctrl-C) cuts every wait short; instances are still stopped."""
+        immediate = immediate or asyncio.Event()
         assert self.control is not None
         self.control.stop_checks()
         if self.serving is not None:
-            await self.serving.stop(self.config.server.shutdown_grace)
+            await self.serving.stop(self.config.server.shutdown_grace, immediate)
         if self.master is not None:
-            await self.master.stop()
-        await self.control.stop()  # after the clients: their requests finished first
+            await self.master.stop(immediate)
+        await self.control.stop(immediate)  # after the clients: their requests finished first
 
 
 async def run_dataplane(
@@ -392,20 +403,32 @@ async def run_dataplane(
     state and hands out reloaded configs.
     """
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     if state_pipe is None:
         gateway = Gateway(config, source)
-        loop.add_signal_handler(signal.SIGHUP, gateway.reload_from_source)
+
+        def waiting_for() -> str:
+            open_now = len(gateway.serving.ctx.connections) if gateway.serving else 0
+            return f"{open_now} open connection(s)"
+
+        signals = StopSignals(waiting_for, config.server.shutdown_grace)
+        signals.install(loop)
+        if source is not None:
+            loop.add_signal_handler(signal.SIGHUP, gateway.reload_from_source)
+        else:
+            loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: no config file to reload")
         await gateway.start()
         _freeze_heap()
-        await stop.wait()
-        await gateway.stop()
+        await signals.graceful.wait()
+        await gateway.stop(signals.immediate)
         return 0
     # Reload is the master's: a SIGHUP sent to the whole process group must not kill us.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     serving = Serving(config)
+    signals = StopSignals(
+        lambda: f"{len(serving.ctx.connections)} open connection(s)",
+        config.server.shutdown_grace,
+    )
+    signals.install(loop, worker=True)
     await serving.bind(reuse_port=reuse_port)
     _freeze_heap()
     managed = managed_upstreams(config)
@@ -418,9 +441,9 @@ async def run_dataplane(
         log.info("worker %d runs the reloaded config", os.getpid())
 
     stop_bus = follow_master(state_pipe, loop, lambda: serving.ctx.snapshot, managed, on_config)
-    await stop.wait()
+    await signals.graceful.wait()
     stop_bus()
-    await serving.stop(serving.config.server.shutdown_grace)
+    await serving.stop(serving.config.server.shutdown_grace, signals.immediate)
     return 0
 
 
@@ -431,16 +454,15 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-async def _drain(ctx: ProxyContext, servers: list[asyncio.Server], grace: float) -> None:
+async def _drain(
+    ctx: ProxyContext, servers: list[asyncio.Server], grace: float, immediate: asyncio.Event
+) -> None:
     ctx.closing = True
     for server in servers:
         server.close()
     for conn in list(ctx.connections):
         conn.shutdown()
-    deadline = time.monotonic() + grace
-    # Poll rather than wire a completion event through every connection: shutdown is rare.
-    while ctx.connections and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await wait_drained(lambda: len(ctx.connections), grace, immediate)
     for conn in list(ctx.connections):
         conn.abort()
     ctx.pools.close_all()
@@ -488,7 +510,9 @@ def _worker_entry(
 
 def _check_bindable(config: Config) -> None:
     for address in config.server.listen:
-        bind_socket(address, reuse_port=True, backlog=1).close()
+        # Without SO_REUSEPORT: a port another process holds, even one that shares it (a
+        # second Portico), is refused here, so the port is only ever shared by our workers.
+        bind_socket(address, reuse_port=False, backlog=1).close()
 
 
 def serve(config: Config, source: ConfigSource | None = None) -> int:
@@ -497,10 +521,16 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
     With a ``source``, SIGHUP reloads the whole config from it (see ``Gateway.reload``).
     """
     config = with_secrets(config)
+    if warning := listen_queue_warning(config.server.backlog):
+        log.warning("%s", warning)
     pid_file = config.server.pid_file
     if pid_file:
-        with open(pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            note = pidfile.claim(pid_file)
+        except (pidfile.NotPortico, OSError) as exc:
+            raise StartupError(f"pid file: {exc}") from None
+        if note:
+            log.info("%s", note)
     try:
         if config.server.workers == 1:
             return run_worker(config, reuse_port=False, source=source)
@@ -508,8 +538,7 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
         return run_master(config, source)
     finally:
         if pid_file:
-            with contextlib.suppress(OSError):
-                os.unlink(pid_file)
+            pidfile.remove(pid_file)
 
 
 def run_master(config: Config, source: ConfigSource | None) -> int:
@@ -520,15 +549,27 @@ def run_master(config: Config, source: ConfigSource | None) -> int:
 
 async def _master_main(config: Config, source: ConfigSource | None) -> int:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config, source)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload_from_source)
+
+    def waiting_for() -> str:
+        master = gateway.master
+        alive = sum(p.is_alive() for p in master.procs) if master else 0
+        return f"{alive} worker(s) to finish"
+
+    def second_signal() -> None:
+        if gateway.master is not None:
+            gateway.master.signal_workers(signal.SIGTERM)  # their second one: at once
+
+    signals = StopSignals(waiting_for, config.server.shutdown_grace, on_immediate=second_signal)
+    signals.install(loop)
+    if source is not None:
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_from_source)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: no config file to reload")
     await gateway.start()
     assert gateway.master is not None
-    await gateway.master.watch(stop)
-    await gateway.stop()
+    await gateway.master.watch(signals.graceful)
+    await gateway.stop(signals.immediate)
     return 0
 
 
@@ -563,7 +604,7 @@ class _Master:
         self.bus.add(proc.pid, ours)
         return proc
 
-    def _signal_workers(self, sig: int) -> None:
+    def signal_workers(self, sig: int) -> None:
         for proc in self.procs:
             if proc.is_alive() and proc.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -595,11 +636,16 @@ class _Master:
                 if not stop.is_set():
                     self.procs[i] = self._spawn()
 
-    async def stop(self) -> None:
-        self._signal_workers(signal.SIGTERM)
-        deadline = time.monotonic() + self.gateway.config.server.shutdown_grace + 5
-        while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+    async def stop(self, immediate: asyncio.Event) -> None:
+        self.signal_workers(signal.SIGTERM)
+        await wait_drained(
+            lambda: sum(p.is_alive() for p in self.procs),
+            self.gateway.config.server.shutdown_grace + 5,
+            immediate,
+            "worker(s)",
+        )
+        if immediate.is_set():  # they got a second SIGTERM: a moment to take it
+            await wait_drained(lambda: sum(p.is_alive() for p in self.procs), 2.0, asyncio.Event())
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()

@@ -193,5 +193,9 @@ def test_version() -> None:
 def test_help_lists_the_commands() -> None:
     result = portico_cmd("--help")
     assert result.returncode == 0
-    for command in ("check", "serve", "proxy"):
+    for command in ("check", "serve", "proxy", "run", "restart", "reload", "stop"):
         assert f"  {command} " in result.stdout
+    # docs/cli.md documents every command the program has.
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    for command in ("check", "serve", "proxy", "run", "restart", "reload", "stop"):
+        assert f"`{command}" in doc, command

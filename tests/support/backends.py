@@ -74,6 +74,11 @@ def _gunicorn_has_control_socket() -> bool:
     return any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS)
 
 
+# A raw backend's listen backlog: asyncio's default (100) overflows when Portico opens
+# hundreds of upstream connections at once, and the dropped SYNs then look like Portico's
+# fault (a connect retried after 1 s, 3 s...). The kernel caps it at net.core.somaxconn.
+BACKLOG = 4096
+
 # A raw backend's StreamReader buffer limit: above any request head a test sends (portico's own
 # default limit is 32 KiB), so readuntil() never fails on a legitimately large head.
 READER_LIMIT = 1024 * 1024
@@ -295,7 +300,7 @@ class RawBackend(StartStop):
         self._loop = loop
         try:
             self._server = loop.run_until_complete(
-                loop.create_server(self._protocol, self.host, self.port)
+                loop.create_server(self._protocol, self.host, self.port, backlog=BACKLOG)
             )
         except BaseException as e:
             failure.append(e)

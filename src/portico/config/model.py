@@ -42,6 +42,11 @@ class Limits(Strict):
     max_body_bytes: Size | None = Field(
         None, description="largest request body (413); unset means unlimited"
     )
+    underscores_in_headers: bool = Field(
+        False,
+        description="pass header names with '_' on (dropped by default, as nginx does);"
+        " one that reads as a forwarding header Portico sets is dropped anyway",
+    )
 
 
 class ClientTimeouts(Strict):
@@ -60,7 +65,11 @@ class ClientTimeouts(Strict):
 class Server(Strict):
     listen: list[ListenAddress] = Field(default_factory=lambda: ["127.0.0.1:8080"])
     workers: int = Field(1, ge=1, le=256)
-    backlog: int = Field(2048, gt=0)
+    backlog: int = Field(
+        65535,
+        gt=0,
+        description="listen queue; the kernel caps it at net.core.somaxconn (4096 by default)",
+    )
     pid_file: str | None = Field(
         None, description="file to write the main process id to (for `portico restart`)"
     )

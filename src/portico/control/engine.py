@@ -51,7 +51,7 @@ def _connect(docker_host: str | None) -> Any:
         import docker
     except ImportError:
         raise EngineError(
-            "Docker support needs the docker SDK: pip install 'portico[docker]'"
+            "Docker support needs the docker SDK: pip install -e '.[docker]'"
         ) from None
     try:
         # Unset: DOCKER_HOST (and DOCKER_TLS_VERIFY, ...) or the default socket, as the CLI.

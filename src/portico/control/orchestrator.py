@@ -167,6 +167,10 @@ class Orchestrator:
             self._restarts.add(task)
             task.add_done_callback(self._restarts.discard)
 
+    def kill(self) -> None:
+        """Kill every local instance now (a second Ctrl-C); ``stop`` then finds them gone."""
+        self.provider.close()
+
     async def stop(self) -> None:
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)

@@ -31,6 +31,7 @@ import logging
 from collections.abc import Callable
 
 from portico.config.model import App, HealthCheck
+from portico.control.appcheck import cause, not_listening
 from portico.control.draining import wait_drained
 from portico.control.prober import check_once
 from portico.control.providers.base import Adopting, Instance, Provider
@@ -241,7 +242,10 @@ class Supervisor:
             if managed.instance.alive() or managed.state in (State.DRAINING, State.STOPPING):
                 continue
             code = managed.instance.exit_code()
-            self._record_crash(managed, now, f"exited with {code} while {managed.state.value}")
+            what = f"exited with {code} while {managed.state.value}"
+            if last := cause(getattr(managed.instance, "tail", ())):
+                what += f" ({last})"
+            self._record_crash(managed, now, what)
             # The leader is gone but what it started may not be (gunicorn workers, a shell's
             # child): they would keep running, and serving, outside Portico's view.
             task = asyncio.get_running_loop().create_task(
@@ -264,11 +268,13 @@ class Supervisor:
         )
         if self.crashes_in_a_row >= self.spec.crash_loop_after:
             backoff = self.spec.backoff_max
+            # Clients told why they get 503 (a short header, control.appcheck names causes).
+            self.service_of().unavailable = f"{self.name} is crash-looping"
             if not self.crash_loop:
                 self.crash_loop = True
                 message = (
-                    f"{self.name} is crash-looping: {self.crashes_in_a_row} crashes in a row;"
-                    f" retrying every {backoff:g}s"
+                    f"{self.name} is crash-looping: {self.crashes_in_a_row} crashes in a row,"
+                    f" last: {what}; retrying every {backoff:g}s"
                 )
                 self.events.add(self.name, "crash_loop", message)
                 log.error(message)
@@ -306,8 +312,11 @@ class Supervisor:
         """Probe until ready (then add the endpoint) or until ``ready_timeout`` (then stop)."""
         loop = asyncio.get_running_loop()
         deadline = managed.started_at + self.spec.ready_timeout
+        # Halfway: say why it is not ready yet if nothing listens on its port.
+        diagnose_at = managed.started_at + self.spec.ready_timeout / 2
         instance = managed.instance
         reason = "not probed"
+        diagnosis: str | None = None
         while loop.time() < deadline and instance.alive():
             result = await check_once(
                 instance.host, instance.port, self._ready_check, self._statuses
@@ -316,12 +325,27 @@ class Supervisor:
                 self._mark_ready(managed, loop.time())
                 return
             reason = result.reason
+            if diagnosis is None and loop.time() >= diagnose_at:
+                diagnosis = self._diagnose(instance) or ""
+                if diagnosis:
+                    log.warning("%s is %s", instance.id, diagnosis)
             await asyncio.sleep(self.spec.ready_interval)
         if instance.alive() and managed.state is State.STARTING:
+            diagnosis = self._diagnose(instance) or diagnosis
             managed.state = State.STOPPING
             await self.provider.stop(instance, self.spec.stop_timeout)
             what = f"was not ready after {self.spec.ready_timeout:g}s ({reason})"
+            if diagnosis:
+                what = f"was not ready after {self.spec.ready_timeout:g}s: {diagnosis}"
             self._record_crash(managed, loop.time(), what)
+
+    @staticmethod
+    def _diagnose(instance: Instance) -> str | None:
+        """Why a live local instance is not ready, when its ports tell (see appcheck)."""
+        pid = getattr(instance, "pid", None)
+        if not isinstance(pid, int):
+            return None  # a container: its ports are not ours to inspect
+        return not_listening(pid, instance.port)
 
     def _mark_ready(self, managed: Managed, now: float) -> None:
         if managed.state is not State.STARTING:
@@ -332,6 +356,7 @@ class Supervisor:
         ep = Endpoint(instance.host, instance.port)
         managed.endpoint = ep
         membership.join(self.service_of(), ep, now)
+        self.service_of().unavailable = None
         if self.crash_loop:
             self.crash_loop = False
             self.events.add(self.name, "ready", f"{self.name} recovered from its crash loop")

@@ -74,6 +74,7 @@ class ClientConnection(asyncio.Protocol):
             max_header_bytes=s.max_header_bytes,
             max_headers=s.max_headers,
             max_body=s.max_body,
+            drop_underscores=s.drop_underscores,
         )
         self.transport: asyncio.Transport | None = None
         self.exchange: Handler | None = None
@@ -390,7 +391,9 @@ class ClientConnection(asyncio.Protocol):
     def _reloaded(self) -> None:
         """A reload swapped the settings: the next request on this connection runs on them."""
         self.settings = s = self.ctx.settings
-        self.parser.set_limits(s.max_target, s.max_header_bytes, s.max_headers, s.max_body)
+        self.parser.set_limits(
+            s.max_target, s.max_header_bytes, s.max_headers, s.max_body, s.drop_underscores
+        )
         self.client.trusted = self.ctx.snapshot.forwarding.trusts(self.client.ip)
 
     def _check_body_rate(self, n: int) -> None:

@@ -32,6 +32,7 @@ class ClientSettings:
     max_header_bytes: int
     max_headers: int
     max_body: int | None
+    drop_underscores: bool
     header_timeout: float
     body_idle_timeout: float
     body_min_rate: float
@@ -46,6 +47,7 @@ class ClientSettings:
             max_header_bytes=limits.max_header_bytes,
             max_headers=limits.max_headers,
             max_body=int(limits.max_body_bytes) if limits.max_body_bytes is not None else None,
+            drop_underscores=not limits.underscores_in_headers,
             header_timeout=timeouts.header,
             body_idle_timeout=timeouts.body_idle,
             body_min_rate=timeouts.body_min_rate,

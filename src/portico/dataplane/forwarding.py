@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from portico.codec.events import RequestHead, ResponseHead
 from portico.codec.headers import FORWARDING, HOP_BY_HOP
+from portico.dataplane.clock import date_line
 from portico.runtime.snapshot import ForwardingPolicy
 
 _SKIP_UP = HOP_BY_HOP | {b"expect"}  # Portico answers 100-continue itself (as nginx does)
@@ -137,8 +138,11 @@ def response_head(
     out = [b"HTTP/1.1 %d " % resp.status, resp.reason, b"\r\n"]
     upgrade = resp.status == 101
     via_in: bytes | None = None
+    dated = False
     for name, value in resp.headers:
         lname = name.lower()
+        if lname == b"date":
+            dated = True
         if lname in HOP_BY_HOP or (tokens and lname in tokens):
             if upgrade and lname == b"upgrade":
                 out += (name, b": ", value, b"\r\n")
@@ -151,6 +155,8 @@ def response_head(
         out += (name, b": ", value, b"\r\n")
     if via is not None:
         out += (b"Via: ", (via_in + b", " + via) if via_in else via, b"\r\n")
+    if not dated and resp.status >= 200:
+        out.append(date_line())  # RFC 9110 6.6.1, as nginx does
     if upgrade:
         out.append(b"Connection: upgrade\r\n")
     elif chunked:

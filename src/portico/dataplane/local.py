@@ -5,6 +5,7 @@ too large for the route)."""
 from __future__ import annotations
 
 from portico.codec.events import RequestHead
+from portico.dataplane.clock import date_line
 from portico.dataplane.exchange import ClientSide, finish, request_id_field
 from portico.dataplane.responses import response_for
 from portico.errors import PorticoError
@@ -83,7 +84,7 @@ class LocalExchange:
                     stage.on_response(req, reply.status, headers)
                 reply = LocalReply(reply.status, headers, reply.body)
             req.status = reply.status
-            data = reply.encode(not keep, head_only=head.method == b"HEAD")
+            data = reply.encode(not keep, head_only=head.method == b"HEAD", date=date_line())
             if head.version == b"1.0" and keep:
                 data = data.replace(b"\r\n\r\n", b"\r\nConnection: keep-alive\r\n\r\n", 1)
         self.response_started = True

@@ -179,7 +179,8 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
             if service.demand is not None and last_error is None and not self._tried:
                 self._hold_for_instance(service)
                 return
-            self._fail(last_error or NoHealthyEndpoint(f"no available endpoint in {service.name}"))
+            why = f"no available endpoint in {service.name}"
+            self._fail(last_error or NoHealthyEndpoint(why, service.unavailable))
             return
         self.endpoint = endpoint
         endpoint.in_flight += 1
@@ -215,7 +216,8 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         if self.done:
             return
         self._disarm()
-        self._dispatch(NoHealthyEndpoint("no instance became ready"))
+        why = self.service.unavailable if self.service is not None else None
+        self._dispatch(NoHealthyEndpoint("no instance became ready", why))
 
     async def _connect(self) -> None:
         pool = self.pool

@@ -62,6 +62,7 @@ class Service:
     cold_start_timeout: float = 30.0
     demand: Callable[[], None] | None = None  # asks the supervisor for an instance (min = 0)
     waiters: list[Callable[[], None]] = field(default_factory=list)  # requests held for one
+    unavailable: str | None = None  # why no instance serves (crash loop), told in 503s
     latencies: deque[float] | None = None  # recent response times, for a p95 autoscaler
 
     def candidates(self, now: float, exclude: Sequence[Endpoint] = ()) -> Sequence[Endpoint]:

@@ -28,9 +28,12 @@ class LocalReply:
         self.headers = headers
         self.body = body
 
-    def encode(self, close: bool, head_only: bool = False) -> bytes:
+    def encode(self, close: bool, head_only: bool = False, date: bytes = b"") -> bytes:
+        """The whole response; ``date``: the ``Date`` line to add (the caller has the clock)."""
         out = [status_line(self.status, REASONS.get(self.status, b"Unknown"))]
         out += [n + b": " + v + b"\r\n" for n, v in self.headers]
+        if date:
+            out.append(date)
         bodiless = self.status in (204, 304)  # RFC 9110 8.6: no Content-Length, no body
         if not bodiless:
             out.append(b"Content-Length: %d\r\n" % len(self.body))

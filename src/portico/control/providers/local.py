@@ -16,10 +16,12 @@ import functools
 import logging
 import os
 import signal
+from collections import deque
 
 import psutil
 
 from portico.config.model import App
+from portico.control.appcheck import TAIL_LINES
 from portico.control.ports import PORTS
 from portico.control.providers.base import Instance
 
@@ -50,7 +52,7 @@ def _die_with_portico() -> None:  # pragma: no cover - runs in the child before 
 
 
 class LocalInstance:
-    __slots__ = ("_guard", "_proc", "_ps", "_reader", "host", "id", "port")
+    __slots__ = ("_guard", "_proc", "_ps", "_reader", "host", "id", "port", "tail")
 
     def __init__(self, instance_id: str, port: int, proc: asyncio.subprocess.Process) -> None:
         self.id = instance_id
@@ -60,6 +62,8 @@ class LocalInstance:
         self._ps: psutil.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._guard: asyncio.subprocess.Process | None = None
+        # Its last lines of output, for the crash report (control.appcheck.cause).
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
 
     def __repr__(self) -> str:
         return f"<LocalInstance {self.id} pid={self.pid} port={self.port}>"
@@ -135,7 +139,9 @@ class LocalProvider:
     async def _pump(self, instance: LocalInstance, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
-            log.info("[%s] %s", instance.id, line.decode("utf-8", "replace").rstrip())
+            text = line.decode("utf-8", "replace").rstrip()
+            instance.tail.append(text)
+            log.info("[%s] %s", instance.id, text)
 
     async def stop(self, instance: Instance, timeout: float) -> None:
         """SIGTERM to the process group, SIGKILL after ``timeout``."""
