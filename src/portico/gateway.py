@@ -36,6 +36,7 @@ from portico.dataplane.exchange import HandlerFactory
 from portico.dataplane.listener import bind_socket
 from portico.dataplane.local import LocalExchange
 from portico.dataplane.proxy import ProxyExchange
+from portico.dataplane.sharedmem import SharedTables, traffic_stores
 from portico.errors import ConfigError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
@@ -141,6 +142,7 @@ async def run_dataplane(
     reuse_port: bool,
     source: ConfigSource | None = None,
     state_pipe: Connection | None = None,
+    shared: SharedTables | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain within ``server.shutdown_grace``.
 
@@ -148,7 +150,7 @@ async def run_dataplane(
     process runs the active health checks itself; with it, a master does and sends state.
     """
     loop = asyncio.get_running_loop()
-    snapshot = compile_config(config)
+    snapshot = compile_config(config, traffic=traffic_stores(config, shared))
     settings = ClientSettings.from_config(config.server.limits, config.server.timeouts)
     access = config.access_log
     access_log = AccessLog(access.format, access.path) if access.format != "off" else None
@@ -244,11 +246,14 @@ def run_worker(
     reuse_port: bool,
     source: ConfigSource | None = None,
     state_pipe: Connection | None = None,
+    shared: SharedTables | None = None,
 ) -> int:
     raise_open_files_limit()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(
-            run_dataplane(config, reuse_port=reuse_port, source=source, state_pipe=state_pipe)
+            run_dataplane(
+                config, reuse_port=reuse_port, source=source, state_pipe=state_pipe, shared=shared
+            )
         )
 
 
@@ -266,13 +271,18 @@ def _die_with_parent() -> None:
 
 
 def _worker_entry(
-    config_data: dict[str, Any], source: ConfigSource | None, state_pipe: Connection
+    config_data: dict[str, Any],
+    source: ConfigSource | None,
+    state_pipe: Connection,
+    shared: SharedTables | None = None,
 ) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     config = Config.model_validate(config_data)
-    raise SystemExit(run_worker(config, reuse_port=True, source=source, state_pipe=state_pipe))
+    raise SystemExit(
+        run_worker(config, reuse_port=True, source=source, state_pipe=state_pipe, shared=shared)
+    )
 
 
 def _check_bindable(config: Config) -> None:
@@ -312,6 +322,8 @@ class _Master:
         self.procs: list[Any] = []
         self.started: dict[int, float] = {}  # worker pid -> when it was spawned
         self.snapshot = compile_config(config)
+        # Limiter state every worker shares, so limits hold across workers (sharedmem).
+        self.shared = SharedTables(config.traffic, self.mp)
         self.bus = MasterBus(lambda: self.snapshot, self._on_demand)
         self.bus.managed = managed_upstreams(config)
         self.prober = Prober(self._on_transition)
@@ -334,7 +346,9 @@ class _Master:
     def _spawn(self) -> Any:
         ours, theirs = self.mp.Pipe(duplex=True)
         data = self.config.model_dump(mode="json")
-        proc = self.mp.Process(target=_worker_entry, args=(data, self.source, theirs), daemon=False)
+        proc = self.mp.Process(
+            target=_worker_entry, args=(data, self.source, theirs, self.shared), daemon=False
+        )
         proc.start()
         theirs.close()
         assert proc.pid is not None
@@ -387,6 +401,7 @@ class _Master:
                     continue
                 self.bus.remove(proc.pid)
                 log.warning("worker %s exited with %s; replacing it", proc.pid, proc.exitcode)
+                self.shared.clear_counts()  # it died holding in-flight counts
                 if time.monotonic() - self.started.pop(proc.pid, 0.0) < WORKER_MIN_UPTIME:
                     await asyncio.sleep(WORKER_MIN_UPTIME)  # crashing at start: do not spin
                 if not stop.is_set():
@@ -401,6 +416,7 @@ class _Master:
                 proc.kill()
             proc.join(1)
         self.bus.close()
+        self.shared.close()
         if self.orchestrator is not None:
             await self.orchestrator.stop()  # after the workers: their requests finished first
         return 0

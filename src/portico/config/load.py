@@ -299,6 +299,9 @@ def _user_loc(loc: tuple[str | int, ...], data: object) -> tuple[str | int, ...]
             node = node.get(part)
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
+        elif isinstance(node, Mapping) and part == 0:
+            # One table where the schema takes a list of them (``rate_limit = {...}``).
+            return loc[:i] + _user_loc(loc[i + 1 :], node)
         else:
             return loc
     return loc

@@ -18,6 +18,7 @@ from pydantic import (
 
 from portico.config.apps import App, Autoscale, Discover, DockerRun
 from portico.config.routes import RequestId, Route
+from portico.config.traffic import Redis, TrafficRules, TrafficTable
 from portico.config.types import (
     _TOKEN,
     ListenAddress,
@@ -291,7 +292,8 @@ class Upstream(Strict):
         return v
 
 
-class Config(Strict):
+class Config(TrafficRules):
+    # rate_limit, concurrency, ip_allow and ip_deny (TrafficRules) apply to every route.
     server: Server = Field(default_factory=Server)
     forwarding: Forwarding = Field(default_factory=Forwarding)
     access_log: AccessLog = Field(default_factory=AccessLog)
@@ -300,6 +302,8 @@ class Config(Strict):
     request_id: RequestId | None = Field(
         None, description="X-Request-ID handling; unset = off (no ID is generated)"
     )
+    redis: Redis | None = Field(None, description="the store of store = \"redis\" limits")
+    traffic: TrafficTable = Field(default_factory=TrafficTable)
 
     @field_validator("request_id", mode="before")
     @classmethod
@@ -330,6 +334,14 @@ class Config(Strict):
                     known = ", ".join(sorted(self.upstreams))
                     problems.append(
                         f"routes[{i}].{key}: no upstream named {name!r} (have: {known})"
+                    )
+        if self.redis is None:
+            if any(rl.store == "redis" for rl in self.rate_limit):
+                problems.append("rate_limit: store = \"redis\" needs a [redis] section")
+            for i, route in enumerate(self.routes):
+                if any(rl.store == "redis" for rl in route.rate_limit):
+                    problems.append(
+                        f"routes[{i}].rate_limit: store = \"redis\" needs a [redis] section"
                     )
         if not self.routes and len(self.upstreams) > 1:
             problems.append("routes: several upstreams need routes saying which gets what")

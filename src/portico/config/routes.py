@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from portico.config.traffic import TrafficRules
 from portico.config.types import (
     _TOKEN,
     Network,
@@ -221,7 +222,8 @@ class RouteRetry(Strict):
         return v
 
 
-class Route(Strict):
+class Route(TrafficRules):
+    # rate_limit, concurrency, ip_allow and ip_deny come from TrafficRules (config.traffic).
     name: str | None = Field(None, description="shown in logs and {route}; default routes[i]")
     priority: int = Field(0, description="higher wins before specificity is considered")
     # --- matchers ---

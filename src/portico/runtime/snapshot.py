@@ -21,6 +21,7 @@ from portico.policy.retry import RetryBudget, RetryPolicy
 from portico.runtime.compile import compile_routes
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import Router
+from portico.runtime.traffic import TrafficStores
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -104,6 +105,7 @@ class Snapshot:
     router: Router
     services: dict[str, Service]
     forwarding: ForwardingPolicy
+    traffic: TrafficStores | None = None  # limiter state, kept across reloads
 
 
 def _compile_service(
@@ -187,8 +189,13 @@ def _compile_service(
     )
 
 
-def compile_config(config: Config, previous: Snapshot | None = None) -> Snapshot:
-    """Build a snapshot. Pure: raises only on programming errors (config is validated)."""
+def compile_config(
+    config: Config, previous: Snapshot | None = None, traffic: TrafficStores | None = None
+) -> Snapshot:
+    """Build a snapshot. Pure: raises only on programming errors (config is validated).
+
+    ``traffic`` is where rate-limit state lives (the gateway's shared memory with workers);
+    unset, the previous snapshot's is kept, or private tables are made when first needed."""
     old: dict[tuple[str, int], Endpoint] = {}
     old_services: dict[str, Service] = {}
     if previous is not None:
@@ -207,5 +214,9 @@ def compile_config(config: Config, previous: Snapshot | None = None) -> Snapshot
         via=b"1.1 " + fw.via_name.encode("ascii") if fw.via else None,
         trusted=[ipaddress.ip_network(n, strict=False) for n in fw.trusted_proxies],
     )
-    router = compile_routes(config, services)
-    return Snapshot(router=router, services=services, forwarding=forwarding)
+    if traffic is None:
+        traffic = previous.traffic if previous is not None else None
+    if traffic is None:
+        traffic = TrafficStores(config.traffic)
+    router = compile_routes(config, services, traffic)
+    return Snapshot(router=router, services=services, forwarding=forwarding, traffic=traffic)

@@ -1,0 +1,148 @@
+"""The traffic-control schema: rate limits, concurrency limits, IP rules, the shared store.
+
+Each of these may be set on a route and at the top level of the config (then it applies to
+every route, in addition to the route's own). Keys name what a limit counts by:
+``client_ip`` (after trusted-proxy resolution), ``host``, ``path``, ``route``, ``method``,
+``header:NAME`` or ``cookie:NAME``; a list of them counts by the combination.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from portico.config.types import _TOKEN, Network, NonNegSeconds, PositiveSeconds, Strict
+
+KEY_KINDS = ("client_ip", "host", "path", "route", "method")
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+def _check_key(v: str | list[str]) -> str | list[str]:
+    parts = [v] if isinstance(v, str) else v
+    if not parts:
+        raise ValueError("name at least one key")
+    for part in parts:
+        kind, sep, name = part.partition(":")
+        if not sep and kind in KEY_KINDS:
+            continue
+        if sep and kind in ("header", "cookie") and name and _TOKEN.match(name):
+            continue
+        raise ValueError(
+            f"unknown key {part!r} (one of: {', '.join(KEY_KINDS)}, header:NAME, cookie:NAME)"
+        )
+    return v
+
+
+class RateLimit(Strict):
+    """GCRA: ``rate`` requests per ``per``, and up to ``burst`` at once."""
+
+    key: str | list[str] = Field("client_ip", description="what is counted (see above)")
+    rate: float = Field(gt=0, description="requests allowed per `per`")
+    per: Literal["second", "minute", "hour", "day"] | PositiveSeconds = Field(
+        "second", description="the period of `rate`: second, minute, hour, day or seconds"
+    )
+    burst: int = Field(1, ge=1, description="requests a key may send at once")
+    delay: NonNegSeconds = Field(
+        0.0,
+        description="hold a request over the limit up to this long until it conforms "
+        "(nginx delay) instead of refusing it; 0 = refuse at once",
+    )
+    status: int = Field(429, ge=400, le=599, description="status of a refused request")
+    exempt: list[Network] = Field(default_factory=list, description="client networks not limited")
+    headers: bool = Field(True, description="send RateLimit-Policy and RateLimit headers")
+    store: Literal["local", "redis"] = Field(
+        "local", description="local: this gateway (all its workers); redis: every gateway"
+    )
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str | list[str]) -> str | list[str]:
+        return _check_key(v)
+
+    @property
+    def period(self) -> float:
+        return _PERIODS[self.per] if isinstance(self.per, str) else float(self.per)
+
+
+class Concurrency(Strict):
+    """At most ``max`` requests in flight per key (``limit_conn`` by request, not socket)."""
+
+    key: str | list[str] = Field("client_ip", description="what is counted (see rate_limit)")
+    max: int = Field(ge=1, description="requests in flight per key")
+    status: int = Field(503, ge=400, le=599, description="status of a refused request")
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str | list[str]) -> str | list[str]:
+        return _check_key(v)
+
+
+class Redis(Strict):
+    """The store shared by several gateways for ``store = "redis"`` limits."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or unix:// URL")
+    timeout: PositiveSeconds = Field(
+        0.05, description="a decision slower than this follows `on_error`"
+    )
+    on_error: Literal["open", "closed"] = Field(
+        "open", description="Redis down or slow: open = admit, closed = refuse (503)"
+    )
+    prefix: str = Field("portico:rl:", description="key prefix in Redis")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+
+class TrafficTable(Strict):
+    """The gateway's own limiter state (shared memory across workers)."""
+
+    max_keys: int = Field(
+        1 << 20, ge=64, description="rate-limit keys remembered at most (16 bytes each)"
+    )
+    max_concurrency_keys: int = Field(
+        1 << 16, ge=64, description="concurrency-limit keys counted at most"
+    )
+
+
+def _one_or_many(v: object) -> object:
+    if v is None:
+        return []
+    return [v] if isinstance(v, dict) else v
+
+
+class TrafficRules(Strict):
+    """The keys a route and the top level share (mixed into both schemas)."""
+
+    rate_limit: list[RateLimit] = Field(
+        default_factory=list,
+        description="one table or a list of them (e.g. per second and per minute)",
+    )
+    concurrency: list[Concurrency] = Field(
+        default_factory=list, description="one table or a list of them"
+    )
+    ip_allow: list[Network] | None = Field(
+        None, description="only these client networks get through (403 for others)"
+    )
+    ip_deny: list[Network] = Field(
+        default_factory=list, description="client networks refused with 403 (wins over allow)"
+    )
+
+    @field_validator("rate_limit", "concurrency", mode="before")
+    @classmethod
+    def _many(cls, v: object) -> object:
+        return _one_or_many(v)
+
+    @model_validator(mode="after")
+    def _allow_not_empty(self) -> TrafficRules:
+        if self.ip_allow is not None and not self.ip_allow:
+            raise ValueError("ip_allow: an empty list would refuse everyone; leave it unset")
+        return self
+
+
+def uses_redis(rules: list[TrafficRules]) -> bool:
+    return any(rl.store == "redis" for r in rules for rl in r.rate_limit)

@@ -1,0 +1,451 @@
+"""Traffic-control stages: IP rules, rate limits and concurrency limits, compiled per route.
+
+They run first in a route's chain (after the request ID), in the order safety needs: IP
+rules (cheapest, and a denied client should not even spend a rate-limit token), then rate
+limits, then concurrency limits (which hold a slot until the request finishes). The top-level
+rules of the config come before the route's own in each stage.
+
+Decisions are made by ``policy.ratelimit`` against a ``LimitTable`` (this gateway's state,
+shared by its workers) or, for ``store = "redis"``, by a ``RemoteLimiter`` the gateway
+provides: the stage then returns a ``Hold`` and the request waits for Redis's answer
+without blocking any other request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mmap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from portico.config.traffic import Concurrency, RateLimit, TrafficRules, TrafficTable
+from portico.config.traffic import Redis as RedisConfig
+from portico.policy.ratelimit import (
+    DELAY,
+    REJECT,
+    Limit,
+    remaining,
+    reset_after,
+    retry_after,
+)
+from portico.runtime.limittable import LimitTable, key_hash, table_bytes
+from portico.runtime.request import Headers, RequestState
+from portico.runtime.stages import Hold, LocalReply, Stage
+
+if TYPE_CHECKING:
+    from portico.runtime.stages import Resume
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Networks = tuple[IPNetwork, ...]
+KeyFn = Callable[[RequestState], bytes | None]
+Verdict = tuple[int, float, float]  # (ALLOW|DELAY|REJECT, tat, wait)
+
+
+class RemoteLimiter(Protocol):
+    """A store shared by several gateways (dataplane.redislimit). ``check`` answers through
+    ``done`` with one verdict per key, or None when the store failed or was too slow; all
+    keys are decided at once, and none is charged when one refuses."""
+
+    def check(
+        self,
+        keys: Sequence[bytes],
+        limits: Sequence[Limit],
+        done: Callable[[list[Verdict] | None], None],
+    ) -> None: ...
+
+
+def _header(name: str) -> KeyFn:
+    lname = name.lower().encode("latin-1")
+    n = len(lname)
+
+    def get(req: RequestState) -> bytes | None:
+        for hname, value in req.head.headers:
+            if len(hname) == n and hname.lower() == lname:
+                return value
+        return None
+
+    return get
+
+
+def _cookie(name: str) -> KeyFn:
+    want = name.encode("latin-1")
+
+    def get(req: RequestState) -> bytes | None:
+        for hname, value in req.head.headers:
+            if len(hname) == 6 and hname.lower() == b"cookie":
+                for part in value.split(b";"):
+                    k, eq, v = part.strip().partition(b"=")
+                    if eq and k == want:
+                        return v
+        return None
+
+    return get
+
+
+def _key_part(spec: str) -> KeyFn:
+    kind, _, name = spec.partition(":")
+    if kind == "client_ip":
+        return lambda r: r.client_ip.encode("ascii", "replace")
+    if kind == "host":
+        return lambda r: r.hostname.lower()
+    if kind == "path":
+        return lambda r: r.path
+    if kind == "route":
+        return lambda r: r.route.name.encode() if r.route is not None else b""
+    if kind == "method":
+        return lambda r: r.head.method
+    if kind == "header":
+        return _header(name)
+    if kind == "cookie":
+        return _cookie(name)
+    raise ValueError(f"unknown key kind {spec!r}")  # the schema refuses these first
+
+
+def compile_key(spec: str | list[str]) -> KeyFn:
+    """A request's key, or None when a part is missing (the limit then does not apply,
+    as in nginx, where an empty key is not counted)."""
+    parts = [_key_part(p) for p in ([spec] if isinstance(spec, str) else spec)]
+    if len(parts) == 1:
+        return parts[0]
+
+    def joined(req: RequestState) -> bytes | None:
+        out = []
+        for part in parts:
+            value = part(req)
+            if value is None:
+                return None
+            out.append(value)
+        return b"\0".join(out)
+
+    return joined
+
+
+def _networks(items: Sequence[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in items)
+
+
+def _in(ip: str, nets: tuple[IPNetwork, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False  # a Unix socket peer is in no network
+    return any(addr in net for net in nets)
+
+
+def _plain(status: int, headers: Headers, text: bytes) -> LocalReply:
+    return LocalReply(status, [(b"Content-Type", b"text/plain; charset=utf-8"), *headers], text)
+
+
+# --- IP rules ------------------------------------------------------------------------------
+
+
+class IpRules(Stage):
+    """``ip_deny`` then ``ip_allow``, for each layer (top level, then route): 403 on a miss."""
+
+    __slots__ = ("layers", "reply")
+    on_request_hook = True
+
+    def __init__(self, layers: Sequence[tuple[Networks | None, Networks]]) -> None:
+        self.layers = tuple(layers)
+        self.reply = _plain(403, [], b"Forbidden\n")
+
+    def on_request(self, req: RequestState) -> LocalReply | Hold | None:
+        try:
+            addr = ipaddress.ip_address(req.client_ip)
+        except ValueError:
+            addr = None
+        for allow, deny in self.layers:
+            if addr is None:
+                if allow is not None:
+                    return self.reply
+                continue
+            for net in deny:
+                if addr in net:
+                    return self.reply
+            if allow is not None and not any(addr in net for net in allow):
+                return self.reply
+        return None
+
+
+# --- rate limits ---------------------------------------------------------------------------
+
+
+def _sf_string(text: str) -> bytes:
+    return b'"' + text.replace("\\", "").replace('"', "").encode("ascii", "replace") + b'"'
+
+
+class RateRule:
+    """One configured rate limit, compiled: its key, its GCRA parameters, its replies."""
+
+    __slots__ = ("exempt", "headers", "key", "label", "limit", "policy", "prefix", "status")
+
+    def __init__(self, config: RateLimit, scope: str, index: int) -> None:
+        self.limit = Limit(config.rate, config.period, config.burst, config.delay)
+        self.key = compile_key(config.key)
+        # The state's identity: the same limit in the next config keeps its counts, a changed
+        # one starts afresh; a top-level limit is one budget across all routes.
+        ident = f"{scope}|{index}|{config.key}|{config.rate:g}/{config.period:g}|{config.burst}"
+        self.prefix = ident.encode() + b"\0"
+        self.exempt = _networks(config.exempt)
+        self.status = config.status
+        self.headers = config.headers
+        self.label = _sf_string(f"{scope}.{index}" if scope != "*" else f"global.{index}")
+        window = config.period
+        self.policy = self.label + b";q=%d;w=%d" % (int(config.rate), max(1, round(window)))
+
+    def key_of(self, req: RequestState) -> bytes | None:
+        if self.exempt and _in(req.client_ip, self.exempt):
+            return None
+        k = self.key(req)
+        return None if k is None else self.prefix + k
+
+    def state(self, tat: float, now: float) -> bytes:
+        lim = self.limit
+        r = remaining(tat, now, lim.interval, lim.tolerance)
+        return self.label + b";r=%d;t=%d" % (r, reset_after(tat, now))
+
+
+class _RateStage(Stage):
+    """Shared by the local and the remote rate-limit stages: verdicts in, a reply out."""
+
+    __slots__ = ("policy", "rules")
+    on_request_hook = True
+    on_response_hook = True  # adds the RateLimit headers when the request left some
+
+    def __init__(self, rules: Sequence[RateRule]) -> None:
+        self.rules = tuple(rules)
+        self.policy = b", ".join(r.policy for r in rules if r.headers)
+
+    def outcome(
+        self, req: RequestState, rules: Sequence[RateRule], verdicts: Sequence[Verdict], now: float
+    ) -> LocalReply | Hold | None:
+        delay = 0.0
+        state: bytes | None = None
+        least = None
+        for rule, (verdict, tat, wait) in zip(rules, verdicts, strict=True):
+            if verdict == REJECT:
+                after = retry_after(wait)
+                headers: Headers = [(b"Retry-After", b"%d" % after)]
+                if rule.headers:
+                    headers.append((b"RateLimit-Policy", self.policy))
+                    headers.append((b"RateLimit", rule.label + b";r=0;t=%d" % after))
+                return _plain(rule.status, headers, b"Too Many Requests\n")
+            if verdict == DELAY and wait > delay:
+                delay = wait
+            if rule.headers:
+                left = remaining(tat, now, rule.limit.interval, rule.limit.tolerance)
+                if least is None or left < least:
+                    least = left
+                    state = rule.state(tat, now)
+        if state is not None:
+            req.limit_headers = [(b"RateLimit-Policy", self.policy), (b"RateLimit", state)]
+        return Hold(delay) if delay > 0 else None
+
+    def on_response(self, req: RequestState, status: int, headers: Headers) -> None:
+        extra = req.limit_headers
+        if extra is not None:
+            headers.extend(extra)
+
+
+class LocalRateLimit(_RateStage):
+    """Rate limits kept in this gateway's table (exact across its workers)."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, rules: Sequence[RateRule], table: LimitTable) -> None:
+        super().__init__(rules)
+        self.table = table
+
+    def on_request(self, req: RequestState) -> LocalReply | Hold | None:
+        now = req.started_at
+        table = self.table
+        used: list[RateRule] = []
+        hashes: list[int] = []
+        verdicts: list[Verdict] = []
+        for rule in self.rules:
+            key = rule.key_of(req)
+            if key is None:
+                continue
+            h = key_hash(key)
+            v = table.rate(h, rule.limit, now)
+            if v[0] == REJECT:
+                # Earlier limits charged this request: give their share back.
+                for earlier, eh, ev in zip(used, hashes, verdicts, strict=True):
+                    if ev[0] != REJECT:
+                        table.refund(eh, earlier.limit.interval)
+                used, verdicts = [rule], [v]
+                break
+            used.append(rule)
+            hashes.append(h)
+            verdicts.append(v)
+        if not used:
+            return None
+        return self.outcome(req, used, verdicts, now)
+
+
+class RemoteRateLimit(_RateStage):
+    """Rate limits kept in Redis: one round trip decides every limit of the request; the
+    request waits (``Hold``) while others go on."""
+
+    __slots__ = ("fail_open", "fail_reply", "remote")
+
+    def __init__(
+        self, rules: Sequence[RateRule], remote: RemoteLimiter | None, fail_open: bool
+    ) -> None:
+        super().__init__(rules)
+        self.remote = remote
+        self.fail_open = fail_open
+        self.fail_reply = _plain(503, [(b"Retry-After", b"1")], b"Service Unavailable\n")
+
+    def on_request(self, req: RequestState) -> LocalReply | Hold | None:
+        rules: list[RateRule] = []
+        keys: list[bytes] = []
+        for rule in self.rules:
+            key = rule.key_of(req)
+            if key is not None:
+                rules.append(rule)
+                keys.append(key)
+        if not rules:
+            return None
+        remote = self.remote
+        if remote is None:
+            return None if self.fail_open else self.fail_reply
+
+        def start(resume: Resume) -> None:
+            def done(verdicts: list[Verdict] | None) -> None:
+                if verdicts is None:
+                    resume(None if self.fail_open else self.fail_reply)
+                else:
+                    # Redis's clock decided: TATs come back relative to its "now", hence 0.
+                    resume(self.outcome(req, rules, verdicts, 0.0))
+
+            remote.check(keys, [r.limit for r in rules], done)
+
+        return Hold(start=start)
+
+
+# --- concurrency limits --------------------------------------------------------------------
+
+
+class ConcurrencyRule:
+    __slots__ = ("key", "most", "prefix", "reply")
+
+    def __init__(self, config: Concurrency, scope: str, index: int) -> None:
+        self.key = compile_key(config.key)
+        self.most = config.max
+        self.prefix = f"{scope}|{index}|{config.key}|c".encode() + b"\0"
+        self.reply = _plain(
+            config.status, [(b"Retry-After", b"1")], b"Too many requests in flight\n"
+        )
+
+
+class ConcurrencyLimit(Stage):
+    """At most ``max`` requests in flight per key; the slot is given back by ``finish``."""
+
+    __slots__ = ("rules", "table")
+    on_request_hook = True
+
+    def __init__(self, rules: Sequence[ConcurrencyRule], table: LimitTable) -> None:
+        self.rules = tuple(rules)
+        self.table = table
+
+    def on_request(self, req: RequestState) -> LocalReply | Hold | None:
+        table = self.table
+        held: list[int] = []
+        for rule in self.rules:
+            key = rule.key(req)
+            if key is None:
+                continue
+            h = key_hash(rule.prefix + key)
+            if not table.acquire(h, rule.most):
+                for g in held:
+                    table.release(g)
+                return rule.reply
+            held.append(h)
+        if held:
+
+            def release() -> None:
+                for g in held:
+                    table.release(g)
+
+            if req.finishers is None:
+                req.finishers = [release]
+            else:
+                req.finishers.append(release)
+        return None
+
+
+# --- compiling -----------------------------------------------------------------------------
+
+
+def _private(size: int) -> memoryview:
+    # Anonymous memory: pages cost RSS only once a key lands in them.
+    return memoryview(mmap.mmap(-1, size))
+
+
+@dataclass
+class TrafficStores:
+    """Where limiter state lives; made once per process and kept across reloads. The
+    gateway passes shared-memory tables when it runs several workers, and a factory for
+    the Redis limiter; otherwise private tables are made on first use."""
+
+    table_config: TrafficTable = field(default_factory=TrafficTable)
+    rates: LimitTable | None = None
+    counts: LimitTable | None = None
+    remote_factory: Callable[[RedisConfig], RemoteLimiter] | None = None
+    remotes: dict[RedisConfig, RemoteLimiter] = field(default_factory=dict)
+
+    def rate_table(self) -> LimitTable:
+        if self.rates is None:
+            self.rates = LimitTable(_private(table_bytes(self.table_config.max_keys)))
+        return self.rates
+
+    def count_table(self) -> LimitTable:
+        if self.counts is None:
+            size = table_bytes(self.table_config.max_concurrency_keys)
+            self.counts = LimitTable(_private(size))
+        return self.counts
+
+    def remote(self, config: RedisConfig) -> RemoteLimiter | None:
+        limiter = self.remotes.get(config)
+        if limiter is None and self.remote_factory is not None:
+            limiter = self.remotes[config] = self.remote_factory(config)
+        return limiter
+
+
+def traffic_stages(
+    top: TrafficRules,
+    route: TrafficRules,
+    scope: str,
+    stores: TrafficStores,
+    redis: RedisConfig | None,
+) -> list[Stage]:
+    """The traffic stages of one route, in order; empty when nothing is configured."""
+    stages: list[Stage] = []
+    layers = []
+    for rules in (top, route):
+        if rules.ip_allow is not None or rules.ip_deny:
+            allow = _networks(rules.ip_allow) if rules.ip_allow is not None else None
+            layers.append((allow, _networks(rules.ip_deny)))
+    if layers:
+        stages.append(IpRules(layers))
+    local: list[RateRule] = []
+    remote: list[RateRule] = []
+    for rules, sc in ((top, "*"), (route, scope)):
+        for i, rl in enumerate(rules.rate_limit):
+            (remote if rl.store == "redis" else local).append(RateRule(rl, sc, i))
+    if local:
+        stages.append(LocalRateLimit(local, stores.rate_table()))
+    if remote and redis is not None:
+        stages.append(
+            RemoteRateLimit(remote, stores.remote(redis), fail_open=redis.on_error == "open")
+        )
+    conc = [
+        ConcurrencyRule(c, sc, i)
+        for rules, sc in ((top, "*"), (route, scope))
+        for i, c in enumerate(rules.concurrency)
+    ]
+    if conc:
+        stages.append(ConcurrencyLimit(conc, stores.count_table()))
+    return stages

@@ -1,0 +1,167 @@
+"""Traffic control over real sockets: rate limits exact across workers, IP rules,
+concurrency limits, delays. Redis-backed limits are in test_traffic_redis.py."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from tests.support.fleet import request
+from tests.support.paced import PacedResult, paced
+from tests.support.processes import listening_workers
+from tests.support.rawhttp import RawConnection
+from tests.support.waiting import wait_until
+
+OK = {"status": 200, "body": "ok"}
+
+
+def limited(limit: dict[str, Any] | list[dict[str, Any]], **route: Any) -> dict[str, Any]:
+    return {
+        "server": {"shutdown_grace": 0.5},
+        "upstreams": {"app": {"backends": ["http://127.0.0.1:9"]}},
+        "routes": [
+            {"path": "/", "respond": OK, "rate_limit": limit, **route},
+            {"path": "/warm", "respond": OK},
+        ],
+    }
+
+
+# The exactness runs: twice the limit for 5 s. A burst worth half a second keeps the result
+# about the limiter, not about this busy test machine: only a client stall longer than the
+# burst's worth of time could lose capacity (checked below, so such a failure says so).
+RATE, BURST, SECONDS = 50, 25, 5.0
+
+
+def all_listening(proxy: Any, workers: int) -> None:
+    """Wait for every worker: connections made before would all go to the first one."""
+    wait_until(
+        lambda: len(listening_workers(proxy.pid, proxy.port)) == workers,
+        20,
+        message=f"{workers} workers listening",
+    )
+
+
+def check_exact(result: PacedResult) -> None:
+    assert not result.failures, result.failures[:5]
+    assert result.largest_gap() < BURST / RATE, f"the client stalled {result.largest_gap():.2f}s"
+    allowed = result.statuses[200]
+    expected = RATE * result.elapsed + BURST
+    assert abs(allowed - expected) <= 0.02 * expected, (allowed, expected, result.statuses)
+    assert result.statuses[429] == result.sent - allowed
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_twice_the_limit_gets_rate_times_time_plus_burst(portico: Any, workers: int) -> None:
+    proxy = portico(limited({"rate": RATE, "burst": BURST}), workers=workers)
+    if workers > 1:
+        all_listening(proxy, workers)
+    check_exact(paced(proxy.port, 2 * RATE, SECONDS, connections=16, warmup="/warm"))
+
+
+def test_refusal_carries_retry_after_and_ratelimit_headers(portico: Any) -> None:
+    proxy = portico(limited({"rate": 1, "per": "minute", "burst": 2}))
+    with RawConnection(proxy.port) as conn:
+        first = conn.request("GET", "/")
+        second = conn.request("GET", "/")
+        third = conn.request("GET", "/")
+    assert [first.status, second.status, third.status] == [200, 200, 429]
+    assert first.header("RateLimit-Policy") == '"routes[0].0";q=1;w=60'
+    assert first.header("RateLimit") == '"routes[0].0";r=1;t=60'
+    assert second.header("RateLimit") == '"routes[0].0";r=0;t=120'
+    retry = int(third.header("Retry-After") or 0)
+    assert 55 <= retry <= 60
+    assert third.header("RateLimit") == f'"routes[0].0";r=0;t={retry}'
+
+
+def test_keys_by_header_and_exempt_networks(portico: Any) -> None:
+    proxy = portico(
+        limited({"key": "header:X-Api-Key", "rate": 1, "per": "minute", "burst": 1})
+    )
+    assert request(proxy.port, headers={"X-Api-Key": "a"}).status == 200
+    assert request(proxy.port, headers={"X-Api-Key": "a"}).status == 429
+    assert request(proxy.port, headers={"X-Api-Key": "b"}).status == 200  # its own budget
+    # No key, no count (as nginx does with an empty key).
+    assert [request(proxy.port).status for _ in range(3)] == [200, 200, 200]
+    exempt = portico(limited({"rate": 1, "per": "hour", "exempt": ["127.0.0.0/8"]}))
+    assert [request(exempt.port).status for _ in range(3)] == [200, 200, 200]
+
+
+def test_several_limits_on_one_route_and_a_global_one(portico: Any) -> None:
+    config = limited([
+        {"rate": 100, "burst": 3},  # per second: three at once
+        {"rate": 4, "per": "minute", "burst": 4},  # per minute: four in all
+    ])
+    config["rate_limit"] = {"key": "client_ip", "rate": 1, "per": "hour", "burst": 6}
+    config["routes"].append({"path": "/other", "respond": OK})
+    proxy = portico(config)
+    statuses = [request(proxy.port).status for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    # The fourth passes the per-second limit again after a pause, the fifth meets the minute.
+    wait = paced(proxy.port, 10, 0.2, connections=1)  # 3 requests, 0.1 s apart
+    assert wait.statuses == {200: 1, 429: 2}
+    # The global hourly budget of 6 spans routes: 4 used on "/", 2 left for "/other".
+    assert [request(proxy.port, target="/other").status for _ in range(3)] == [200, 200, 429]
+
+
+def test_delay_holds_requests_instead_of_refusing(portico: Any) -> None:
+    # 10/s, no burst, delay up to 1 s: 8 requests at once all pass, spaced 0.1 s apart.
+    proxy = portico(limited({"rate": 10, "burst": 1, "delay": 1.0}))
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        status = request(proxy.port, timeout=10).status
+        with lock:
+            statuses.append(status)
+
+    import time
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    took = time.monotonic() - began
+    assert statuses == [200] * 8
+    assert 0.6 <= took <= 3.0, took
+    # Beyond the delay bound: refused.
+    many = paced(proxy.port, 200, 0.1, connections=20)
+    assert many.statuses[429] > 0
+
+
+def test_ip_rules_per_route_and_global(portico: Any) -> None:
+    config = {
+        "server": {"shutdown_grace": 0.5},
+        "upstreams": {"app": {"backends": ["http://127.0.0.1:9"]}},
+        "routes": [
+            {"path": "/open", "respond": OK},
+            {"path": "/admin", "respond": OK, "ip_allow": ["10.0.0.0/8"]},
+            {"path": "/deny", "respond": OK, "ip_deny": ["127.0.0.1/32"]},
+            {"path": "/both", "respond": OK, "ip_allow": ["127.0.0.0/8"], "ip_deny": ["127.0.0.1"]},
+        ],
+    }
+    proxy = portico(config)
+    assert request(proxy.port, target="/open").status == 200
+    assert request(proxy.port, target="/admin").status == 403
+    assert request(proxy.port, target="/deny").status == 403
+    assert request(proxy.port, target="/both").status == 403  # deny wins
+    config["ip_deny"] = ["127.0.0.0/8"]
+    everywhere = portico(config)
+    assert request(everywhere.port, target="/open").status == 403
+
+
+def test_ip_rules_see_the_client_behind_a_trusted_proxy(portico: Any) -> None:
+    config = {
+        "server": {"shutdown_grace": 0.5},
+        "forwarding": {"trusted_proxies": ["127.0.0.1/32"]},
+        "upstreams": {"app": {"backends": ["http://127.0.0.1:9"]}},
+        "routes": [{"path": "/", "respond": OK, "ip_allow": ["203.0.113.0/24"]}],
+    }
+    proxy = portico(config)
+    assert request(proxy.port).status == 403
+    ok = request(proxy.port, headers={"X-Forwarded-For": "203.0.113.9"})
+    assert ok.status == 200
+    assert request(proxy.port, headers={"X-Forwarded-For": "198.51.100.1"}).status == 403
