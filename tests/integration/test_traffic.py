@@ -3,11 +3,14 @@ concurrency limits, delays. Redis-backed limits are in test_traffic_redis.py."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
 from typing import Any
 
 import pytest
 
+from tests.support.behaviours import echo_http, slow_headers
 from tests.support.fleet import request
 from tests.support.paced import PacedResult, paced
 from tests.support.processes import listening_workers
@@ -116,8 +119,6 @@ def test_delay_holds_requests_instead_of_refusing(portico: Any) -> None:
         with lock:
             statuses.append(status)
 
-    import time
-
     began = time.monotonic()
     threads = [threading.Thread(target=one) for _ in range(8)]
     for t in threads:
@@ -165,3 +166,60 @@ def test_ip_rules_see_the_client_behind_a_trusted_proxy(portico: Any) -> None:
     ok = request(proxy.port, headers={"X-Forwarded-For": "203.0.113.9"})
     assert ok.status == 200
     assert request(proxy.port, headers={"X-Forwarded-For": "198.51.100.1"}).status == 403
+
+
+def proxied(backend_url: str, **route: Any) -> dict[str, Any]:
+    return {
+        "server": {"shutdown_grace": 0.5},
+        "upstreams": {"app": {"backends": [backend_url], "retry": {"attempts": 1}}},
+        "routes": [{"path": "/", "upstream": "app", **route}],
+    }
+
+
+def test_delayed_request_keeps_its_body_and_headers(portico: Any, raw_backend: Any) -> None:
+    backend = raw_backend(echo_http())
+    proxy = portico(proxied(backend.url, rate_limit={"rate": 5, "burst": 1, "delay": 2.0}))
+    body = b"x" * 5000
+    with RawConnection(proxy.port, timeout=10) as conn:
+        began = time.monotonic()
+        first = conn.request("POST", "/a", body=body)
+        second = conn.request("POST", "/b", body=body)  # waits ~0.2 s for its turn
+        took = time.monotonic() - began
+    for resp in (first, second):
+        assert resp.status == 200
+        assert resp.header("X-Echo-Body-Sha256") == hashlib.sha256(body).hexdigest()
+        assert resp.header("RateLimit-Policy") == '"routes[0].0";q=5;w=1'
+    assert second.header("X-Echo-Target") == "/b"
+    assert took >= 0.15
+
+
+def test_concurrency_limit_counts_requests_in_flight(portico: Any, raw_backend: Any) -> None:
+    backend = raw_backend(slow_headers(1.0))
+    proxy = portico(proxied(backend.url, concurrency={"max": 2}))
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        status = request(proxy.port, timeout=10).status
+        with lock:
+            statuses.append(status)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # in order, so the first two hold the slots
+    for t in threads:
+        t.join(15)
+    assert sorted(statuses) == [200, 200, 503, 503]
+    # The slots came back when the requests finished, also for a client that left early.
+    with RawConnection(proxy.port) as conn:
+        conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.2)
+    wait_until(lambda: request(proxy.port, timeout=10).status == 200, 10)
+    statuses.clear()
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert statuses == [200, 200]
