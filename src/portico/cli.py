@@ -73,6 +73,16 @@ def check(ctx: click.Context, file: str) -> None:
 
     for warning in shadowed(config):
         click.echo(f"warning: {warning}", err=True)
+    if config.redis is not None:
+        from portico.dataplane.redislimit import unreachable
+
+        why = unreachable(config.redis)
+        # Fail-open runs without Redis (a warning); fail-closed would refuse every request.
+        if why is not None and config.redis.on_error == "open":
+            click.echo(f"warning: redis.url: {why} (on_error = open: admitted meanwhile)", err=True)
+        elif why is not None:
+            click.echo(f"redis.url: {why} (on_error = closed would refuse requests)", err=True)
+            ctx.exit(EXIT_CHECK_FAILED)
 
 
 @main.command()

@@ -10,15 +10,20 @@ of keys cannot either.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import multiprocessing
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 from portico.config.model import Config
+from portico.config.traffic import Redis as RedisConfig
 from portico.config.traffic import TrafficTable
 from portico.runtime.limittable import STRIPES, LimitTable, table_bytes
-from portico.runtime.traffic import TrafficStores
+from portico.runtime.traffic import RemoteLimiter, TrafficStores
+
+log = logging.getLogger("portico")
 
 
 class SharedTables:
@@ -75,4 +80,18 @@ def traffic_stores(config: Config, shared: SharedTables | None) -> TrafficStores
     """Where this process keeps limiter state: the master's shared tables when it runs
     workers, private tables otherwise."""
     stores = shared.stores() if shared is not None else TrafficStores(config.traffic)
+    stores.remote_factory = _redis_limiter
     return stores
+
+
+def _redis_limiter(config: RedisConfig) -> RemoteLimiter | None:
+    try:
+        from portico.dataplane.redislimit import RedisLimiter
+    except ImportError:
+        log.error(
+            "redis: the redis package is not installed (pip install 'portico[redis]'); "
+            "limits with store = \"redis\" follow on_error = %s",
+            config.on_error,
+        )
+        return None
+    return RedisLimiter(config, asyncio.get_running_loop())

@@ -393,8 +393,8 @@ class TrafficStores:
     table_config: TrafficTable = field(default_factory=TrafficTable)
     rates: LimitTable | None = None
     counts: LimitTable | None = None
-    remote_factory: Callable[[RedisConfig], RemoteLimiter] | None = None
-    remotes: dict[RedisConfig, RemoteLimiter] = field(default_factory=dict)
+    remote_factory: Callable[[RedisConfig], RemoteLimiter | None] | None = None
+    remotes: dict[RedisConfig, RemoteLimiter | None] = field(default_factory=dict)
 
     def rate_table(self) -> LimitTable:
         if self.rates is None:
@@ -408,10 +408,9 @@ class TrafficStores:
         return self.counts
 
     def remote(self, config: RedisConfig) -> RemoteLimiter | None:
-        limiter = self.remotes.get(config)
-        if limiter is None and self.remote_factory is not None:
-            limiter = self.remotes[config] = self.remote_factory(config)
-        return limiter
+        if config not in self.remotes and self.remote_factory is not None:
+            self.remotes[config] = self.remote_factory(config)
+        return self.remotes.get(config)
 
 
 def traffic_stages(
