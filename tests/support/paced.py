@@ -29,6 +29,7 @@ class PacedResult:
     failures: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # of 200 responses
     sends: list[float] = field(default_factory=list)  # when each request was written
+    outcomes: list[tuple[float, int, float]] = field(default_factory=list)  # sent, status, s
 
     def largest_gap(self) -> float:
         """The longest time without a request: a stalled client lets a bucket refill."""
@@ -104,6 +105,7 @@ async def _run(
                 streams[index] = (reader, writer)
                 continue
             result.statuses[status] += 1
+            result.outcomes.append((sent, status, time.monotonic() - sent))
             if status == 200:
                 result.latencies.append(time.monotonic() - sent)
 

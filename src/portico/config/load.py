@@ -125,9 +125,11 @@ def config_for_app(
     access_log: str | None = None,
     pid_file: str | None = None,
     workers: int | None = None,
+    shed: int | None = None,
 ) -> Config:
     """Build the config for ``portico run``: one upstream whose endpoints come from an app."""
     flags: dict[str, object] = {
+        f"upstreams.{FLAGS_UPSTREAM}.shed": {"max_in_flight": shed} if shed is not None else None,
         "server.listen": list(listen) or None,
         "server.workers": workers,
         "server.pid_file": pid_file,

@@ -18,7 +18,7 @@ from pydantic import (
 
 from portico.config.apps import App, Autoscale, Discover, DockerRun
 from portico.config.routes import RequestId, Route
-from portico.config.traffic import Redis, TrafficRules, TrafficTable
+from portico.config.traffic import Redis, Shed, TrafficRules, TrafficTable
 from portico.config.types import (
     _TOKEN,
     ListenAddress,
@@ -255,6 +255,9 @@ class Upstream(Strict):
     sticky: Sticky | None = Field(None, description="sticky sessions by signed cookie")
     slow_start: NonNegSeconds = Field(
         0.0, description="seconds over which a newly healthy endpoint ramps to its full share"
+    )
+    shed: Shed | None = Field(
+        None, description="load shedding when saturated; unset = requests queue at the app"
     )
     max_requests: int | None = Field(
         None, ge=1, description="circuit breaker: concurrent requests per endpoint (per worker)"

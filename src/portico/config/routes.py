@@ -226,6 +226,9 @@ class Route(TrafficRules):
     # rate_limit, concurrency, ip_allow and ip_deny come from TrafficRules (config.traffic).
     name: str | None = Field(None, description="shown in logs and {route}; default routes[i]")
     priority: int = Field(0, description="higher wins before specificity is considered")
+    shed_priority: int = Field(
+        0, description="load shedding: > 0 never shed, < 0 shed first (upstream shed)"
+    )
     # --- matchers ---
     host: str | list[str] | None = Field(
         None, description="Host to match, exact or *.example.com (port ignored); unset = any"

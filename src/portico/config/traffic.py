@@ -78,6 +78,21 @@ class Concurrency(Strict):
         return _check_key(v)
 
 
+class Shed(Strict):
+    """Load shedding for a saturated upstream (see policy.admission)."""
+
+    max_in_flight: int = Field(
+        ge=1, description="requests in flight per available endpoint (per worker) that saturate"
+    )
+    hold: NonNegSeconds = Field(
+        1.0, description="longest wait for room while instances are starting"
+    )
+    low_share: float = Field(
+        0.8, gt=0, le=1, description="share of capacity routes of shed_priority < 0 may use"
+    )
+    retry_after: int = Field(1, ge=1, description="Retry-After of a shed request (seconds)")
+
+
 class Redis(Strict):
     """The store shared by several gateways for ``store = "redis"`` limits."""
 

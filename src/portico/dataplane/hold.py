@@ -59,7 +59,7 @@ class HeldExchange:
         self.proceed = proceed
         self.inner: Handler | None = None
         self._kept: list[bytes] = []
-        self._ended = req.head.framing == "none"
+        self._ended = False  # the connection's on_request_end (bodiless requests get it too)
         self._eof = False
         self._gone = False
         self._timer: object = None
@@ -117,11 +117,17 @@ class HeldExchange:
             self._wait(outcome)
             return
         conn = self.conn
-        conn.resume_for_buffer()
+        self.req.now = conn.ctx.loop.time()  # later stages decide at the time they run
         if outcome is None:
             inner = self.proceed(conn, self.req, self.route, self.first)
+            if type(inner) is HeldExchange:
+                # Held again (shedding waits for room): wait here rather than nest.
+                self.first = inner.first
+                self._wait(inner.hold)
+                return
         else:
             inner = conn.ctx.local(conn, self.req, self.route, outcome, None)  # type: ignore[arg-type]
+        conn.resume_for_buffer()
         self.inner = inner
         if self._eof:
             inner.client_eof = True
@@ -129,7 +135,7 @@ class HeldExchange:
         kept, self._kept = self._kept, []
         for data in kept:
             inner.on_request_data(data)
-        if self._ended and self.head.framing != "none":
+        if self._ended:
             inner.on_request_end()
 
     # --- the connection's calls ---------------------------------------------------------------

@@ -75,7 +75,8 @@ def proceed(conn: ClientSide, req: RequestState, route: CompiledRoute, first: in
         reply = stages[i].on_request(req)
         if reply is not None:
             if type(reply) is Hold:
-                return HeldExchange(conn, req, route, i + 1, reply, proceed)
+                after = i if reply.again else i + 1
+                return HeldExchange(conn, req, route, after, reply, proceed)
             return _local(conn, req, route, reply=reply)  # type: ignore[arg-type]
     return _handler(conn, req, route)
 

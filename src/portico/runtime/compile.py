@@ -201,6 +201,12 @@ def _stages(
     return stages
 
 
+def _fleets(route: Route, services: Mapping[str, Service]) -> list[Service]:
+    """The upstreams a route's requests go to (not its mirror): what load shedding watches."""
+    names = [route.upstream] if route.upstream else [t.upstream for t in route.split or ()]
+    return [services[n] for n in names if n]
+
+
 def compile_routes(
     config: Config, services: Mapping[str, Service], stores: TrafficStores | None = None
 ) -> Router:
@@ -213,7 +219,15 @@ def compile_routes(
             i,
             services,
             rid,
-            traffic_stages(config, r, route_name(r, i), stores, config.redis),
+            traffic_stages(
+                config,
+                r,
+                route_name(r, i),
+                stores,
+                config.redis,
+                _fleets(r, services),
+                r.shed_priority,
+            ),
         )
         for i, r in enumerate(config.effective_routes())
     ]

@@ -40,6 +40,7 @@ class RequestState:
         "host",
         "id_stage",
         "limit_headers",
+        "now",
         "path",
         "peer_ip",
         "peer_trusted",
@@ -78,6 +79,8 @@ class RequestState:
         self.trusts = trusts
         self.scheme = scheme
         self.started_at = started_at
+        # When stages run: started_at, then the time a held request resumed (runtime.stages).
+        self.now = started_at
         self.route: CompiledRoute | None = None
         self.captures: dict[str, str] | None = None
         self.request_id: bytes | None = None

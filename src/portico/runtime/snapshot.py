@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from portico.config.model import Config, HealthCheck, Upstream
+from portico.policy.admission import ShedRule
 from portico.policy.balancers import BALANCERS, Balancer, LeastLatency, select_candidates
 from portico.policy.hashing import ConsistentHash, StickyCookie
 from portico.policy.health import OutlierDetector
@@ -64,6 +65,8 @@ class Service:
     demand: Callable[[], None] | None = None  # asks the supervisor for an instance (min = 0)
     waiters: list[Callable[[], None]] = field(default_factory=list)  # requests held for one
     latencies: deque[float] | None = None  # recent response times, for a p95 autoscaler
+    starting: int = 0  # instances starting (written by the supervisor), for load shedding
+    shed: ShedRule | None = None
 
     def candidates(self, now: float, exclude: Sequence[Endpoint] = ()) -> Sequence[Endpoint]:
         """Endpoints a request may go to now: available ones (backups only when no primary
@@ -181,6 +184,12 @@ def _compile_service(
         discovered=up.discover is not None,
         cold_start_timeout=up.app.cold_start_timeout if up.app else 30.0,
         demand=previous_service.demand if previous_service and up.app else None,
+        shed=(
+            ShedRule(up.shed.max_in_flight, up.shed.hold, up.shed.low_share, up.shed.retry_after)
+            if up.shed is not None
+            else None
+        ),
+        starting=previous_service.starting if previous_service is not None else 0,
         latencies=(
             deque(maxlen=LATENCY_SAMPLES)
             if up.app and up.app.autoscale and up.app.autoscale.metric == "p95_latency"

@@ -49,13 +49,20 @@ class Hold:
     """What ``on_request`` returns to pause a request before the next stage: for ``delay``
     seconds (a rate limit's nginx-style delay), or, with ``start``, until the decision an I/O
     stage is waiting for arrives: the pipeline calls ``start(resume)`` and the stage calls
-    ``resume`` once with a reply, another hold, or None to go on."""
+    ``resume`` once with a reply, another hold, or None to go on. With ``again`` the stage
+    that held is asked again after the delay (load shedding waiting for room)."""
 
-    __slots__ = ("delay", "start")
+    __slots__ = ("again", "delay", "start")
 
-    def __init__(self, delay: float = 0.0, start: Callable[[Resume], None] | None = None) -> None:
+    def __init__(
+        self,
+        delay: float = 0.0,
+        start: Callable[[Resume], None] | None = None,
+        again: bool = False,
+    ) -> None:
         self.delay = delay
         self.start = start
+        self.again = again
 
 
 class BodyFilter:

@@ -17,10 +17,11 @@ import ipaddress
 import mmap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from portico.config.traffic import Concurrency, RateLimit, TrafficRules, TrafficTable
 from portico.config.traffic import Redis as RedisConfig
+from portico.policy.admission import HOLD, SHED, ShedRule, admit
 from portico.policy.ratelimit import (
     DELAY,
     REJECT,
@@ -258,7 +259,7 @@ class LocalRateLimit(_RateStage):
         self.table = table
 
     def on_request(self, req: RequestState) -> LocalReply | Hold | None:
-        now = req.started_at
+        now = req.now
         table = self.table
         used: list[RateRule] = []
         hashes: list[int] = []
@@ -376,6 +377,66 @@ class ConcurrencyLimit(Stage):
         return None
 
 
+# --- load shedding --------------------------------------------------------------------------
+
+# Seconds between two looks at a saturated upstream by a held request: short against the
+# hold (about a second), long enough that a thousand held requests cost little.
+SHED_POLL = 0.02
+
+
+class EndpointLike(Protocol):
+    in_flight: int
+
+    @property
+    def available(self) -> bool: ...
+
+
+class Fleet(Protocol):
+    """What shedding reads of a runtime.snapshot.Service."""
+
+    endpoints: list[Any]
+    starting: int
+    shed: ShedRule | None
+
+
+class Shed(Stage):
+    """Admit, hold or shed by ``policy.admission`` for each upstream of the route."""
+
+    __slots__ = ("fleets", "priority", "replies")
+    on_request_hook = True
+
+    def __init__(self, fleets: Sequence[Fleet], priority: int) -> None:
+        self.fleets = tuple(fleets)
+        self.priority = priority
+        self.replies = {
+            id(f): _plain(
+                503,
+                [(b"Retry-After", b"%d" % f.shed.retry_after)],
+                b"Service Unavailable: overloaded\n",
+            )
+            for f in fleets
+            if f.shed is not None
+        }
+
+    def on_request(self, req: RequestState) -> LocalReply | Hold | None:
+        waited = req.now - req.started_at
+        for fleet in self.fleets:
+            rule = fleet.shed
+            if rule is None:
+                continue
+            in_flight = 0
+            available = 0
+            for ep in fleet.endpoints:
+                in_flight += ep.in_flight
+                available += ep.available
+            verdict = admit(rule, in_flight, available, fleet.starting, self.priority, waited)
+            if verdict == HOLD:
+                return Hold(SHED_POLL, again=True)
+            if verdict == SHED:
+                return self.replies[id(fleet)]
+        return None
+
+
 # --- compiling -----------------------------------------------------------------------------
 
 
@@ -419,6 +480,8 @@ def traffic_stages(
     scope: str,
     stores: TrafficStores,
     redis: RedisConfig | None,
+    fleets: Sequence[Fleet] = (),
+    shed_priority: int = 0,
 ) -> list[Stage]:
     """The traffic stages of one route, in order; empty when nothing is configured."""
     stages: list[Stage] = []
@@ -447,4 +510,7 @@ def traffic_stages(
     ]
     if conc:
         stages.append(ConcurrencyLimit(conc, stores.count_table()))
+    shedding = [f for f in fleets if f.shed is not None]
+    if shedding:
+        stages.append(Shed(shedding, shed_priority))
     return stages
