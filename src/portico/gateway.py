@@ -42,6 +42,7 @@ from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import KIND_PROXY
 from portico.runtime.snapshot import compile_config
+from portico.runtime.traffic import connection_limits
 
 log = logging.getLogger("portico")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
@@ -156,6 +157,8 @@ async def run_dataplane(
     access_log = AccessLog(access.format, access.path) if access.format != "off" else None
     handlers: dict[str, HandlerFactory] = {KIND_PROXY: ProxyExchange}
     ctx = ProxyContext(loop, snapshot, settings, access_log, handlers, LocalExchange)
+    if snapshot.traffic is not None:
+        ctx.conn_limits = connection_limits(config.traffic, snapshot.traffic)
     servers: list[asyncio.Server] = []
     for address in config.server.listen:
         sock = bind_socket(address, reuse_port=reuse_port, backlog=config.server.backlog)

@@ -233,3 +233,22 @@ def test_concurrency_limit_counts_requests_in_flight(portico: Any, raw_backend: 
     for t in threads:
         t.join(15)
     assert statuses == [200, 200]
+
+
+@pytest.mark.parametrize("key", ["max_connections_per_ip", "max_connections"])
+def test_connection_caps(portico: Any, key: str) -> None:
+    config = limited({"rate": 1000, "burst": 1000})
+    config["traffic"] = {key: 2}
+    proxy = portico(config)
+    with RawConnection(proxy.port) as a, RawConnection(proxy.port) as b:
+        assert a.request("GET", "/").status == 200
+        assert b.request("GET", "/").status == 200
+        with RawConnection(proxy.port) as c:
+            refused = c.recv_until_close(5)
+        assert refused.startswith(b"HTTP/1.1 503 "), refused
+        assert a.request("GET", "/").status == 200  # the others are untouched
+    # Both closed: their places are free again.
+    wait_until(lambda: request(proxy.port).status == 200, 5)
+    with RawConnection(proxy.port) as a, RawConnection(proxy.port) as b:
+        assert a.request("GET", "/").status == 200
+        assert b.request("GET", "/").status == 200

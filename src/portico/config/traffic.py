@@ -122,6 +122,12 @@ class TrafficTable(Strict):
     max_concurrency_keys: int = Field(
         1 << 16, ge=64, description="concurrency-limit keys counted at most"
     )
+    max_connections: int | None = Field(
+        None, ge=1, description="open client connections at most (all workers); unset = no cap"
+    )
+    max_connections_per_ip: int | None = Field(
+        None, ge=1, description="open connections per client address; unset = no cap"
+    )
 
 
 def _one_or_many(v: object) -> object:

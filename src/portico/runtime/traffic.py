@@ -514,3 +514,53 @@ def traffic_stages(
     if shedding:
         stages.append(Shed(shedding, shed_priority))
     return stages
+
+
+# --- connection limits ---------------------------------------------------------------------
+
+_TOTAL = key_hash(b"connections|total")
+
+
+class ConnectionLimits:
+    """Open client connections: at most ``total`` in all and ``per_ip`` per peer address,
+    counted in the gateway's table (so across workers). The peer is the TCP peer: a
+    connection is counted before any request could name a forwarded client."""
+
+    __slots__ = ("per_ip", "refused", "table", "total")
+
+    def __init__(self, table: LimitTable, total: int | None, per_ip: int | None) -> None:
+        self.table = table
+        self.total = total
+        self.per_ip = per_ip
+        self.refused = 0
+
+    def open(self, ip: str) -> tuple[int, ...] | None:
+        """The counted keys to give back on close, or None: refuse this connection."""
+        table = self.table
+        keys: list[int] = []
+        if self.total is not None:
+            if not table.acquire(_TOTAL, self.total):
+                self.refused += 1
+                return None
+            keys.append(_TOTAL)
+        if self.per_ip is not None:
+            k = key_hash(b"connections|ip|" + ip.encode("ascii", "replace"))
+            if not table.acquire(k, self.per_ip):
+                for g in keys:
+                    table.release(g)
+                self.refused += 1
+                return None
+            keys.append(k)
+        return tuple(keys)
+
+    def close(self, keys: tuple[int, ...]) -> None:
+        for k in keys:
+            self.table.release(k)
+
+
+def connection_limits(config: TrafficTable, stores: TrafficStores) -> ConnectionLimits | None:
+    if config.max_connections is None and config.max_connections_per_ip is None:
+        return None
+    return ConnectionLimits(
+        stores.count_table(), config.max_connections, config.max_connections_per_ip
+    )
