@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.test_cli import portico_cmd
 from tests.support.behaviours import echo_http, slow_headers
 from tests.support.fleet import request
 from tests.support.paced import PacedResult, paced
+from tests.support.ports import free_port
 from tests.support.processes import listening_workers
 from tests.support.proxy import PorticoProcess
 from tests.support.rawhttp import RawConnection
@@ -252,3 +255,86 @@ def test_connection_caps(portico: Any, key: str) -> None:
     with RawConnection(proxy.port) as a, RawConnection(proxy.port) as b:
         assert a.request("GET", "/").status == 200
         assert b.request("GET", "/").status == 200
+
+
+# --- the issue's acceptance example, and bad input ----------------------------------------
+
+ACCEPTANCE = """\
+[server]
+workers = 2
+
+[upstreams.app]
+backends = ["http://127.0.0.1:5001"]
+
+[[routes]]   # each client IP: 20 requests/s, bursts of 5, over both workers together; 429 + Retry-After past it
+path = "/"
+upstream = "app"
+rate_limit = { key = "client_ip", rate = 20, burst = 5 }
+"""  # noqa: E501 (the issue's text, as written)
+
+
+def test_acceptance_example_checks_and_behaves(tmp_path: Path, raw_backend: Any) -> None:
+    path = tmp_path / "portico.toml"
+    path.write_text(ACCEPTANCE)
+    checked = portico_cmd("check", path)
+    assert checked.returncode == 0, checked.stderr
+    backend = raw_backend(echo_http())
+    port = free_port()
+    text = ACCEPTANCE.replace("http://127.0.0.1:5001", backend.url).replace(
+        "workers = 2", f'workers = 2\nlisten = "127.0.0.1:{port}"\nshutdown_grace = 0.5'
+    )
+    proxy = PorticoProcess(text)
+    try:
+        proxy.start(timeout=60)
+        all_listening(proxy, 2)
+        # 40 requests on eight connections (both workers), as fast as they go.
+        result = paced(proxy.port, 400, 0.1, connections=8, warmup="/")
+        assert set(result.statuses) == {200, 429}, result.statuses
+        # 5 at once, then 20/s for the ~0.1 s the burst took (plus the warm-up's 8 requests
+        # of the same client, which spent the bucket first).
+        assert result.statuses[200] <= 5 + 20 * (result.elapsed + 0.5), result.statuses
+        refused = request(proxy.port)
+        assert refused.status == 429
+        assert refused.header("Retry-After") == "1"
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        ("rate = 0", "routes[0].rate_limit.rate: must be greater than 0"),
+        ("rate = -5", "routes[0].rate_limit.rate: must be greater than 0"),
+        ("rate = 5, burst = 0", "routes[0].rate_limit.burst: must be at least 1"),
+        ('rate = 5, key = "ip"', "routes[0].rate_limit.key: unknown key 'ip'"),
+        ('rate = 5, key = ["client_ip", "header:"]', "routes[0].rate_limit.key: unknown key"),
+        ('rate = 5, store = "redis"', 'routes[0].rate_limit: store = "redis" needs a [redis]'),
+    ],
+)
+def test_bad_limits_are_refused_with_their_key_path(
+    tmp_path: Path, limit: str, expected: str
+) -> None:
+    path = tmp_path / "portico.toml"
+    path.write_text(
+        '[upstreams.app]\nbackends = ["http://127.0.0.1:5001"]\n'
+        f'[[routes]]\nupstream = "app"\nrate_limit = {{ {limit} }}\n'
+    )
+    checked = portico_cmd("check", path)
+    assert checked.returncode != 0
+    assert expected in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+def test_check_warns_or_refuses_an_unreachable_redis(tmp_path: Path, on_error: str) -> None:
+    path = tmp_path / "portico.toml"
+    path.write_text(
+        f'[redis]\nurl = "redis://127.0.0.1:{free_port()}/0"\non_error = "{on_error}"\n'
+        '[upstreams.app]\nbackends = ["http://127.0.0.1:5001"]\n'
+        '[[routes]]\nupstream = "app"\nrate_limit = { rate = 5, store = "redis" }\n'
+    )
+    checked = portico_cmd("check", path)
+    assert "redis.url: " in checked.stderr, checked.stderr
+    if on_error == "open":
+        assert checked.returncode == 0 and "warning: redis.url" in checked.stderr
+    else:
+        assert checked.returncode != 0

@@ -135,3 +135,32 @@ def test_concurrency_counts() -> None:
     for _ in range(5):
         t.release(k)
     assert t.count(k) == 0.0  # never below zero
+
+
+def test_a_million_distinct_keys_keep_memory_and_cost_flat() -> None:
+    # The flood a spoofing or botnet client makes: every request a new key. The table's
+    # memory is fixed when it is made, and the time per decision does not grow with the
+    # number of keys seen (no dict to resize, no list to scan).
+    import time
+
+    import psutil
+
+    keys = 1 << 20
+    t = table(keys)
+    limit = Limit(rate=10, period=3600, burst=5)  # every key stays live for the whole run
+    me = psutil.Process()
+    before = me.memory_info().rss
+    timings = []
+    n = 0
+    for _ in range(10):
+        began = time.perf_counter()
+        for _key in range(100_000):
+            t.rate(key_hash(b"10.%d" % n), limit, 1000.0 + n * 1e-5)
+            n += 1
+        timings.append(time.perf_counter() - began)
+    grown = me.memory_info().rss - before
+    assert grown <= len(t.buf) + (8 << 20), grown  # the table itself, and a little more
+    first, last = min(timings[:3]), min(timings[-3:])
+    assert last < first * 2, timings
+    # The table is full of live keys: new ones now evict the oldest, never grow anything.
+    assert t.evicted > 0
