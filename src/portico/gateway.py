@@ -352,7 +352,8 @@ class _Master:
         proc = self.mp.Process(
             target=_worker_entry, args=(data, self.source, theirs, self.shared), daemon=False
         )
-        proc.start()
+        with self.shared.seeded():
+            proc.start()
         theirs.close()
         assert proc.pid is not None
         self.started[proc.pid] = time.monotonic()

@@ -24,7 +24,7 @@ from typing import Any
 
 from portico.config.traffic import Redis as RedisConfig
 from portico.policy.ratelimit import Limit
-from portico.runtime.limittable import key_hash
+from portico.runtime.limittable import stable_hash
 from portico.runtime.traffic import Verdict
 
 log = logging.getLogger("portico.ratelimit")
@@ -107,7 +107,7 @@ class RedisLimiter:
         if self.failing_since is not None and self.loop.time() < self.retry_at:
             done(None)
             return
-        names = [self.prefix + b"%016x" % key_hash(k) for k in keys]
+        names = [self.prefix + b"%016x" % stable_hash(k) for k in keys]
         args: list[str] = []
         for lim in limits:
             args += [repr(lim.interval), repr(lim.tolerance), repr(lim.max_delay)]

@@ -14,6 +14,9 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
+import secrets
+from collections.abc import Iterator
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -36,6 +39,9 @@ class SharedTables:
         self.counts = SharedMemory(create=True, size=table_bytes(config.max_concurrency_keys))
         self.locks = [ctx.Lock() for _ in range(STRIPES)]
         self.owner = True
+        # A secret like the one Python picks itself (1..2**32-1; 0 would disable hashing's
+        # randomisation), shared by the workers only.
+        self.seed = str(secrets.randbelow(2**32 - 1) + 1)
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -43,6 +49,7 @@ class SharedTables:
             "rates": self.rates.name,
             "counts": self.counts.name,
             "locks": self.locks,
+            "seed": self.seed,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -50,10 +57,30 @@ class SharedTables:
         self.rates = SharedMemory(name=state["rates"])
         self.counts = SharedMemory(name=state["counts"])
         self.locks = state["locks"]
+        self.seed = state["seed"]
         self.owner = False
+
+    @contextlib.contextmanager
+    def seeded(self) -> Iterator[None]:
+        """Around spawning a worker: every worker gets the same hash secret, so they agree on
+        where a key's slot is (runtime.limittable.key_hash). Only the workers get it; the
+        master and the apps it runs keep their own."""
+        before = os.environ.get("PYTHONHASHSEED")
+        os.environ["PYTHONHASHSEED"] = self.seed
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["PYTHONHASHSEED"]
+            else:
+                os.environ["PYTHONHASHSEED"] = before
 
     def stores(self) -> TrafficStores:
         """This process's view: tables over the shared pages."""
+        if os.environ.get("PYTHONHASHSEED") != self.seed:
+            # Spawned without ``seeded``: its slots would not be the other workers' slots.
+            log.error("worker started without the shared hash seed: limits are per worker")
+            return TrafficStores(self.config)
         return TrafficStores(
             self.config,
             rates=LimitTable(self.rates.buf, self.locks),  # type: ignore[arg-type]

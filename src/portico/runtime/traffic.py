@@ -172,6 +172,11 @@ class IpRules(Stage):
 # --- rate limits ---------------------------------------------------------------------------
 
 
+# RateLimit header values kept per rule: (remaining, reset) pairs repeat, at most burst x
+# a few reset values each; bounded for huge bursts.
+STATE_CACHE = 4096
+
+
 def _sf_string(text: str) -> bytes:
     return b'"' + text.replace("\\", "").replace('"', "").encode("ascii", "replace") + b'"'
 
@@ -179,7 +184,17 @@ def _sf_string(text: str) -> bytes:
 class RateRule:
     """One configured rate limit, compiled: its key, its GCRA parameters, its replies."""
 
-    __slots__ = ("exempt", "headers", "key", "label", "limit", "policy", "prefix", "status")
+    __slots__ = (
+        "cache",
+        "exempt",
+        "headers",
+        "key",
+        "label",
+        "limit",
+        "policy",
+        "prefix",
+        "status",
+    )
 
     def __init__(self, config: RateLimit, scope: str, index: int) -> None:
         self.limit = Limit(config.rate, config.period, config.burst, config.delay)
@@ -194,6 +209,7 @@ class RateRule:
         self.label = _sf_string(f"{scope}.{index}" if scope != "*" else f"global.{index}")
         window = config.period
         self.policy = self.label + b";q=%d;w=%d" % (int(config.rate), max(1, round(window)))
+        self.cache: dict[tuple[int, int], Headers] = {}
 
     def key_of(self, req: RequestState) -> bytes | None:
         if self.exempt and _in(req.client_ip, self.exempt):
@@ -201,10 +217,20 @@ class RateRule:
         k = self.key(req)
         return None if k is None else self.prefix + k
 
-    def state(self, tat: float, now: float) -> bytes:
-        lim = self.limit
-        r = remaining(tat, now, lim.interval, lim.tolerance)
-        return self.label + b";r=%d;t=%d" % (r, reset_after(tat, now))
+    def state(self, left: int, tat: float, now: float) -> bytes:
+        """The ``RateLimit`` value; the few distinct ones are formatted once and kept."""
+        return self.pair(left, tat, now)[1][1]
+
+    def pair(self, left: int, tat: float, now: float) -> Headers:
+        """Both headers for a request this rule alone allowed, from the cache when it can."""
+        key = (left, reset_after(tat, now))
+        value = self.cache.get(key)
+        if value is None:
+            state = self.label + b";r=%d;t=%d" % key
+            value = [(b"RateLimit-Policy", self.policy), (b"RateLimit", state)]
+            if len(self.cache) < STATE_CACHE:
+                self.cache[key] = value
+        return value
 
 
 class _RateStage(Stage):
@@ -238,7 +264,7 @@ class _RateStage(Stage):
                 left = remaining(tat, now, rule.limit.interval, rule.limit.tolerance)
                 if least is None or left < least:
                     least = left
-                    state = rule.state(tat, now)
+                    state = rule.state(left, tat, now)
         if state is not None:
             req.limit_headers = [(b"RateLimit-Policy", self.policy), (b"RateLimit", state)]
         return Hold(delay) if delay > 0 else None
@@ -252,15 +278,31 @@ class _RateStage(Stage):
 class LocalRateLimit(_RateStage):
     """Rate limits kept in this gateway's table (exact across its workers)."""
 
-    __slots__ = ("table",)
+    __slots__ = ("single", "table")
 
     def __init__(self, rules: Sequence[RateRule], table: LimitTable) -> None:
         super().__init__(rules)
         self.table = table
+        self.single = rules[0] if len(rules) == 1 else None
 
     def on_request(self, req: RequestState) -> LocalReply | Hold | None:
         now = req.now
         table = self.table
+        if self.single is not None:
+            # One limit (the common case): no lists, no refunds.
+            rule = self.single
+            key = rule.key_of(req)
+            if key is None:
+                return None
+            verdict, tat, wait = table.rate(key_hash(key), rule.limit, now)
+            if verdict == REJECT:
+                return self.outcome(req, self.rules, ((verdict, tat, wait),), now)
+            if rule.headers:
+                lim = rule.limit
+                req.limit_headers = rule.pair(
+                    remaining(tat, now, lim.interval, lim.tolerance), tat, now
+                )
+            return Hold(wait) if verdict == DELAY else None
         used: list[RateRule] = []
         hashes: list[int] = []
         verdicts: list[Verdict] = []
