@@ -99,7 +99,9 @@ class LimitTable:
         if lock is not None:
             lock.acquire()
         try:
-            i = self._find(key, base)
+            keys = self.keys
+            # The hot case inline: a client's key sits in the first slot it took.
+            i = base if keys[base] == key else self._find(key, base)
             if i >= 0:
                 tat = self.values[i + 1]
             else:
@@ -109,7 +111,7 @@ class LimitTable:
                 tat = 0.0
             verdict, new, wait = gcra(tat, now, limit.interval, limit.tolerance, limit.max_delay)
             if verdict != REJECT:
-                self.keys[i] = key
+                keys[i] = key
                 self.values[i + 1] = new
             return verdict, new, wait
         finally:
