@@ -18,7 +18,18 @@ from pydantic import (
 
 from portico.config.apps import App, Autoscale, Discover, DockerRun
 from portico.config.routes import RequestId, Route
-from portico.config.traffic import Redis, Shed, TrafficRules, TrafficTable
+from portico.config.traffic import (
+    CONCURRENCY,
+    IP_ALLOW,
+    IP_DENY,
+    RATE_LIMIT,
+    AllowList,
+    Concurrencies,
+    RateLimits,
+    Redis,
+    Shed,
+    TrafficTable,
+)
 from portico.config.types import (
     _TOKEN,
     ListenAddress,
@@ -295,8 +306,7 @@ class Upstream(Strict):
         return v
 
 
-class Config(TrafficRules):
-    # rate_limit, concurrency, ip_allow and ip_deny (TrafficRules) apply to every route.
+class Config(Strict):
     server: Server = Field(default_factory=Server)
     forwarding: Forwarding = Field(default_factory=Forwarding)
     access_log: AccessLog = Field(default_factory=AccessLog)
@@ -305,6 +315,11 @@ class Config(TrafficRules):
     request_id: RequestId | None = Field(
         None, description="X-Request-ID handling; unset = off (no ID is generated)"
     )
+    # Traffic control for every route, before each route's own (config.traffic).
+    rate_limit: RateLimits = Field(default_factory=list, description=RATE_LIMIT)
+    concurrency: Concurrencies = Field(default_factory=list, description=CONCURRENCY)
+    ip_allow: AllowList = Field(None, description=IP_ALLOW)
+    ip_deny: list[Network] = Field(default_factory=list, description=IP_DENY)
     redis: Redis | None = Field(None, description="the store of store = \"redis\" limits")
     traffic: TrafficTable = Field(default_factory=TrafficTable)
 

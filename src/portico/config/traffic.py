@@ -8,9 +8,9 @@ every route, in addition to the route's own). Keys name what a limit counts by:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Protocol
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator
 
 from portico.config.types import _TOKEN, Network, NonNegSeconds, PositiveSeconds, Strict
 
@@ -136,33 +136,34 @@ def _one_or_many(v: object) -> object:
     return [v] if isinstance(v, dict) else v
 
 
-class TrafficRules(Strict):
-    """The keys a route and the top level share (mixed into both schemas)."""
+def _not_empty(v: list[str] | None) -> list[str] | None:
+    if v is not None and not v:
+        raise ValueError("an empty list would refuse everyone; leave it unset")
+    return v
 
-    rate_limit: list[RateLimit] = Field(
-        default_factory=list,
-        description="one table or a list of them (e.g. per second and per minute)",
-    )
-    concurrency: list[Concurrency] = Field(
-        default_factory=list, description="one table or a list of them"
-    )
-    ip_allow: list[Network] | None = Field(
-        None, description="only these client networks get through (403 for others)"
-    )
-    ip_deny: list[Network] = Field(
-        default_factory=list, description="client networks refused with 403 (wins over allow)"
-    )
 
-    @field_validator("rate_limit", "concurrency", mode="before")
-    @classmethod
-    def _many(cls, v: object) -> object:
-        return _one_or_many(v)
+# The four keys a route and the top level share. They are declared in both schemas (not
+# inherited) so each schema lists its keys in the order its table reads.
+RateLimits = Annotated[list[RateLimit], BeforeValidator(_one_or_many)]
+Concurrencies = Annotated[list[Concurrency], BeforeValidator(_one_or_many)]
+AllowList = Annotated[list[Network] | None, AfterValidator(_not_empty)]
+RATE_LIMIT = "one table or a list of them (e.g. per second and per minute)"
+CONCURRENCY = "one table or a list of them"
+IP_ALLOW = "only these client networks get through (403 for others)"
+IP_DENY = "client networks refused with 403 (wins over allow)"
 
-    @model_validator(mode="after")
-    def _allow_not_empty(self) -> TrafficRules:
-        if self.ip_allow is not None and not self.ip_allow:
-            raise ValueError("ip_allow: an empty list would refuse everyone; leave it unset")
-        return self
+
+class TrafficRules(Protocol):
+    """What a route and the top level have in common (runtime.traffic reads these)."""
+
+    @property
+    def rate_limit(self) -> list[RateLimit]: ...
+    @property
+    def concurrency(self) -> list[Concurrency]: ...
+    @property
+    def ip_allow(self) -> list[str] | None: ...
+    @property
+    def ip_deny(self) -> list[str]: ...
 
 
 def uses_redis(rules: list[TrafficRules]) -> bool:
