@@ -64,6 +64,8 @@ def begin(conn: ClientSide, head: RequestHead) -> Handler:
     if route is None:
         return _local(conn, req, None, error=NoRoute("no route matches"))
     req.route = route
+    if not route.request_stages:
+        return _handler(conn, req, route)
     return proceed(conn, req, route, 0)
 
 
