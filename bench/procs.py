@@ -45,6 +45,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
+def port_open(port: int) -> bool:
+    """Something accepts TCP connections on 127.0.0.1:port (a service that is not HTTP)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def http_get_size(port: int, path: str, host: str | None = None) -> int | None:
     """Body length of a 200 answer to GET path (with this Host, if given), or None on any
     other outcome."""

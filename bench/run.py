@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=3,
         help="with --routes: rounds over the three cases; each case's median round is kept",
     )
+    p.add_argument(
+        "--rate-limit",
+        choices=["local", "redis"],
+        help="run Portico from a config file with a rate limit every request passes "
+        "(never hit): local = the gateway's own table, redis = a redis-server the bench starts",
+    )
     args = p.parse_args(argv)
     if args.route_rounds < 1:
         p.error("--route-rounds must be >= 1")
@@ -116,20 +122,44 @@ def portico_command(port: int, backend_port: int, workers: int) -> list[str]:
     ]
 
 
-def portico_config(port: int, backend_port: int, workers: int) -> str:
-    """TOML for `portico serve`: the same proxy as `portico_command`, plus active checks."""
-    return f"""\
+def portico_config(
+    port: int,
+    backend_port: int,
+    workers: int,
+    health: bool = True,
+    rate_limit: str | None = None,
+    redis_port: int | None = None,
+) -> str:
+    """TOML for `portico serve`: the same proxy as `portico_command`, plus active checks
+    and/or a rate limit keyed by client address that no request reaches."""
+    text = f"""\
 [server]
 listen = ["127.0.0.1:{port}"]
 workers = {workers}
 
 [upstreams.bench]
 backends = ["http://127.0.0.1:{backend_port}"]
-
+"""
+    if health:
+        text += f"""
 [upstreams.bench.health]
 path = "{HEALTH_PATH}"
 interval = {HEALTH_INTERVAL_S}
 """
+    if rate_limit is not None:
+        store = "redis" if rate_limit == "redis" else "local"
+        text += f"""
+[[routes]]
+upstream = "bench"
+rate_limit = {{ key = "client_ip", rate = 1000000000, burst = 1000000, store = "{store}" }}
+"""
+    if rate_limit == "redis":
+        text += f"""
+[redis]
+url = "redis://127.0.0.1:{redis_port}/0"
+timeout = 1.0
+"""
+    return text
 
 
 def portico_serve_command(config_path: Path) -> list[str]:
@@ -199,14 +229,30 @@ def measure(
     portico: procs.Service | None = None
     if not args.skip_portico:
         port = procs.free_port()
-        if args.health_checks:
+        if args.health_checks or args.rate_limit:
+            redis_port = None
+            if args.rate_limit == "redis":
+                redis_port = procs.free_port()
+                argv = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                        "--save", "", "--appendonly", "no"]  # fmt: skip
+                redis = procs.start("redis", procs.pinned(LOAD_CPU, argv), tmp / "redis.log")
+                stack.callback(redis.stop)
+                procs.wait_until(
+                    lambda: procs.port_open(redis_port), procs.READY_TIMEOUT_S, "redis-server"
+                )
             config_path = tmp / "portico.toml"
-            config_path.write_text(portico_config(port, backend_port, args.workers))
-            command = portico_serve_command(config_path)
-            progress(
-                f"portico: active health checks on, GET {HEALTH_PATH} every "
-                f"{HEALTH_INTERVAL_S}s ({config_path.name})"
+            config_path.write_text(
+                portico_config(
+                    port,
+                    backend_port,
+                    args.workers,
+                    health=args.health_checks,
+                    rate_limit=args.rate_limit,
+                    redis_port=redis_port,
+                )
             )
+            command = portico_serve_command(config_path)
+            progress(f"portico: from {config_path.name}:\n{config_path.read_text()}")
         else:
             command = portico_command(port, backend_port, args.workers)
         argv = procs.pinned(PROXY_CPU, command)

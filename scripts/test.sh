@@ -17,6 +17,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       || echo "could not install docker.io busybox-static: container tests will skip" >&2
   fi
 fi
+# The shared rate-limit tests (tests/integration/test_traffic_redis.py) start their own
+# redis-server. As root with apt-get, install it when missing; if that fails they skip.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && ! command -v redis-server >/dev/null 2>&1; then
+  echo "installing redis-server for the shared rate-limit tests" >&2
+  { apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
+    || echo "could not install redis-server: shared rate-limit tests will skip" >&2
+fi
 # Debian and Ubuntu ship Python without venv's ensurepip (package python3-venv).
 if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -87,6 +87,16 @@ def check(ctx: click.Context, file: str, strict: bool) -> None:
 
     for warning in shadowed(config):
         click.echo(f"warning: {warning}", err=True)
+    if config.redis is not None:
+        from portico.dataplane.redislimit import unreachable
+
+        why = unreachable(config.redis)
+        # Fail-open runs without Redis (a warning); fail-closed would refuse every request.
+        if why is not None and config.redis.on_error == "open":
+            click.echo(f"warning: redis.url: {why} (on_error = open: admitted meanwhile)", err=True)
+        elif why is not None:
+            click.echo(f"redis.url: {why} (on_error = closed would refuse requests)", err=True)
+            ctx.exit(EXIT_CHECK_FAILED)
 
 
 @main.command()
@@ -211,6 +221,14 @@ def proxy(
 @click.option("--access-log", default=None, metavar="FORMAT", help="common, combined or json.")
 @click.option("--pid-file", default=None, metavar="FILE", help="Write the process id here.")
 @click.option("-w", "--workers", type=int, default=None, metavar="N", help="Data-plane processes.")
+@click.option(
+    "--shed",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Shed load past N requests in flight per instance (503), holding them while "
+    "instances start.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(
@@ -227,6 +245,7 @@ def run(
     access_log: str | None,
     pid_file: str | None,
     workers: int | None,
+    shed: int | None,
     command: tuple[str, ...],
 ) -> None:
     """Run instances of an app and proxy to them; heal, roll and auto-scale them.
@@ -255,7 +274,12 @@ def run(
     }
     try:
         config = config_for_app(
-            app, listen=listen, access_log=access_log, pid_file=pid_file, workers=workers
+            app,
+            listen=listen,
+            access_log=access_log,
+            pid_file=pid_file,
+            workers=workers,
+            shed=shed,
         )
     except ConfigError as e:
         _echo_problems(e, err=True)

@@ -41,11 +41,13 @@ from portico.dataplane.exchange import HandlerFactory
 from portico.dataplane.listener import bind_socket, listen_queue_warning
 from portico.dataplane.local import LocalExchange
 from portico.dataplane.proxy import ProxyExchange
+from portico.dataplane.sharedmem import SharedTables, traffic_stores
 from portico.errors import ConfigError, StartupError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import KIND_PROXY
 from portico.runtime.snapshot import Snapshot, compile_config
+from portico.runtime.traffic import connection_limits
 
 log = logging.getLogger("portico")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
@@ -165,19 +167,22 @@ class Serving:
     """One process's data plane: listening sockets, the shared ``ProxyContext`` and the
     access log. ``apply`` swaps in a new config; connections pick it up per request."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, shared: SharedTables | None = None) -> None:
         self.config = config
         self.loop = asyncio.get_running_loop()
+        snapshot = compile_config(config, traffic=traffic_stores(config, shared))
         settings = ClientSettings.from_config(config.server.limits, config.server.timeouts)
         handlers: dict[str, HandlerFactory] = {KIND_PROXY: ProxyExchange}
         self.ctx = ProxyContext(
             self.loop,
-            compile_config(config),
+            snapshot,
             settings,
             _open_access_log(config),
             handlers,
             LocalExchange,
         )
+        if snapshot.traffic is not None:
+            self.ctx.conn_limits = connection_limits(config.traffic, snapshot.traffic)
         self.servers: list[asyncio.Server] = []
         self._flusher: asyncio.TimerHandle | None = None
 
@@ -395,6 +400,7 @@ async def run_dataplane(
     reuse_port: bool,
     source: ConfigSource | None = None,
     state_pipe: Connection | None = None,
+    shared: SharedTables | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain within ``server.shutdown_grace``.
 
@@ -423,7 +429,7 @@ async def run_dataplane(
         return 0
     # Reload is the master's: a SIGHUP sent to the whole process group must not kill us.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
-    serving = Serving(config)
+    serving = Serving(config, shared)
     signals = StopSignals(
         lambda: f"{len(serving.ctx.connections)} open connection(s)",
         config.server.shutdown_grace,
@@ -476,11 +482,14 @@ def run_worker(
     reuse_port: bool,
     source: ConfigSource | None = None,
     state_pipe: Connection | None = None,
+    shared: SharedTables | None = None,
 ) -> int:
     raise_open_files_limit()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(
-            run_dataplane(config, reuse_port=reuse_port, source=source, state_pipe=state_pipe)
+            run_dataplane(
+                config, reuse_port=reuse_port, source=source, state_pipe=state_pipe, shared=shared
+            )
         )
 
 
@@ -498,14 +507,19 @@ def _die_with_parent() -> None:
 
 
 def _worker_entry(
-    config_data: dict[str, Any], source: ConfigSource | None, state_pipe: Connection
+    config_data: dict[str, Any],
+    source: ConfigSource | None,
+    state_pipe: Connection,
+    shared: SharedTables | None = None,
 ) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's handler is in place
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     config = Config.model_validate(config_data)
-    raise SystemExit(run_worker(config, reuse_port=True, source=source, state_pipe=state_pipe))
+    raise SystemExit(
+        run_worker(config, reuse_port=True, source=source, state_pipe=state_pipe, shared=shared)
+    )
 
 
 def _check_bindable(config: Config) -> None:
@@ -582,6 +596,8 @@ class _Master:
         self.mp = multiprocessing.get_context("spawn")
         self.procs: list[Any] = []
         self.started: dict[int, float] = {}  # worker pid -> when it was spawned
+        # Limiter state every worker shares, so limits hold across workers (sharedmem).
+        self.shared = SharedTables(gateway.config.traffic, self.mp)
         self.bus = MasterBus(gateway.snapshot, self._on_demand)
         self.bus.managed = managed_upstreams(gateway.config)
 
@@ -596,8 +612,11 @@ class _Master:
         ours, theirs = self.mp.Pipe(duplex=True)
         # The running config, not the file: a replaced worker runs what its peers run.
         data = self.gateway.config.model_dump(mode="json")
-        proc = self.mp.Process(target=_worker_entry, args=(data, None, theirs), daemon=False)
-        proc.start()
+        proc = self.mp.Process(
+            target=_worker_entry, args=(data, None, theirs, self.shared), daemon=False
+        )
+        with self.shared.seeded():
+            proc.start()
         theirs.close()
         assert proc.pid is not None
         self.started[proc.pid] = time.monotonic()
@@ -631,6 +650,7 @@ class _Master:
                     continue
                 self.bus.remove(proc.pid)
                 log.warning("worker %s exited with %s; replacing it", proc.pid, proc.exitcode)
+                self.shared.clear_counts()  # it died holding in-flight counts
                 if time.monotonic() - self.started.pop(proc.pid, 0.0) < WORKER_MIN_UPTIME:
                     await asyncio.sleep(WORKER_MIN_UPTIME)  # crashing at start: do not spin
                 if not stop.is_set():
@@ -651,3 +671,4 @@ class _Master:
                 proc.kill()
             proc.join(1)
         self.bus.close()
+        self.shared.close()

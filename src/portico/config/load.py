@@ -125,9 +125,11 @@ def config_for_app(
     access_log: str | None = None,
     pid_file: str | None = None,
     workers: int | None = None,
+    shed: int | None = None,
 ) -> Config:
     """Build the config for ``portico run``: one upstream whose endpoints come from an app."""
     flags: dict[str, object] = {
+        f"upstreams.{FLAGS_UPSTREAM}.shed": {"max_in_flight": shed} if shed is not None else None,
         "server.listen": list(listen) or None,
         "server.workers": workers,
         "server.pid_file": pid_file,
@@ -299,6 +301,9 @@ def _user_loc(loc: tuple[str | int, ...], data: object) -> tuple[str | int, ...]
             node = node.get(part)
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
+        elif isinstance(node, Mapping) and part == 0:
+            # One table where the schema takes a list of them (``rate_limit = {...}``).
+            return loc[:i] + _user_loc(loc[i + 1 :], node)
         else:
             return loc
     return loc

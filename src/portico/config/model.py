@@ -18,6 +18,18 @@ from pydantic import (
 
 from portico.config.apps import App, Autoscale, Discover, DockerRun
 from portico.config.routes import RequestId, Route
+from portico.config.traffic import (
+    CONCURRENCY,
+    IP_ALLOW,
+    IP_DENY,
+    RATE_LIMIT,
+    AllowList,
+    Concurrencies,
+    RateLimits,
+    Redis,
+    Shed,
+    TrafficTable,
+)
 from portico.config.types import (
     _TOKEN,
     ListenAddress,
@@ -264,6 +276,9 @@ class Upstream(Strict):
     slow_start: NonNegSeconds = Field(
         0.0, description="seconds over which a newly healthy endpoint ramps to its full share"
     )
+    shed: Shed | None = Field(
+        None, description="load shedding when saturated; unset = requests queue at the app"
+    )
     max_requests: int | None = Field(
         None, ge=1, description="circuit breaker: concurrent requests per endpoint (per worker)"
     )
@@ -309,6 +324,13 @@ class Config(Strict):
     request_id: RequestId | None = Field(
         None, description="X-Request-ID handling; unset = off (no ID is generated)"
     )
+    # Traffic control for every route, before each route's own (config.traffic).
+    rate_limit: RateLimits = Field(default_factory=list, description=RATE_LIMIT)
+    concurrency: Concurrencies = Field(default_factory=list, description=CONCURRENCY)
+    ip_allow: AllowList = Field(None, description=IP_ALLOW)
+    ip_deny: list[Network] = Field(default_factory=list, description=IP_DENY)
+    redis: Redis | None = Field(None, description="the store of store = \"redis\" limits")
+    traffic: TrafficTable = Field(default_factory=TrafficTable)
 
     @field_validator("request_id", mode="before")
     @classmethod
@@ -339,6 +361,14 @@ class Config(Strict):
                     known = ", ".join(sorted(self.upstreams))
                     problems.append(
                         f"routes[{i}].{key}: no upstream named {name!r} (have: {known})"
+                    )
+        if self.redis is None:
+            if any(rl.store == "redis" for rl in self.rate_limit):
+                problems.append("rate_limit: store = \"redis\" needs a [redis] section")
+            for i, route in enumerate(self.routes):
+                if any(rl.store == "redis" for rl in route.rate_limit):
+                    problems.append(
+                        f"routes[{i}].rate_limit: store = \"redis\" needs a [redis] section"
                     )
         if not self.routes and len(self.upstreams) > 1:
             problems.append("routes: several upstreams need routes saying which gets what")

@@ -13,6 +13,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from portico.config.traffic import (
+    CONCURRENCY,
+    IP_ALLOW,
+    IP_DENY,
+    RATE_LIMIT,
+    AllowList,
+    Concurrencies,
+    RateLimits,
+)
 from portico.config.types import (
     _TOKEN,
     Network,
@@ -224,6 +233,9 @@ class RouteRetry(Strict):
 class Route(Strict):
     name: str | None = Field(None, description="shown in logs and {route}; default routes[i]")
     priority: int = Field(0, description="higher wins before specificity is considered")
+    shed_priority: int = Field(
+        0, description="load shedding: > 0 never shed, < 0 shed first (upstream shed)"
+    )
     # --- matchers ---
     host: str | list[str] | None = Field(
         None, description="Host to match, exact or *.example.com (port ignored); unset = any"
@@ -265,6 +277,12 @@ class Route(Strict):
     timeouts: RouteTimeouts = Field(default_factory=RouteTimeouts)
     retry: RouteRetry | None = None
     max_body_bytes: Size | None = Field(None, description="largest request body here (413)")
+    # --- traffic control (config.traffic; the top level has the same four keys) ---
+    rate_limit: RateLimits = Field(default_factory=list, description=RATE_LIMIT)
+    concurrency: Concurrencies = Field(default_factory=list, description=CONCURRENCY)
+    ip_allow: AllowList = Field(None, description=IP_ALLOW)
+    ip_deny: list[Network] = Field(default_factory=list, description=IP_DENY)
+
     upgrades: list[str] = Field(
         default_factory=lambda: ["websocket"],
         description="Upgrade protocols tunnelled; others are stripped from the request",

@@ -66,6 +66,7 @@ class MasterBus:
         self._pipes: dict[int, Connection] = {}
         self._stats: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
         self._published: dict[str, list[membership.EndpointRow]] = {}
+        self._starting: dict[str, int] = {}
         self.managed: set[str] = set()  # upstreams whose endpoints the master owns
 
     def add(self, key: int, pipe: Connection) -> None:
@@ -74,6 +75,8 @@ class MasterBus:
         for name, service in snapshot.services.items():
             if name in self.managed:
                 self._send(key, ("endpoints", name, membership.rows(service)))
+                if service.starting:
+                    self._send(key, ("starting", name, service.starting))
             for ep in service.endpoints:
                 if not ep.up:
                     self._send(key, ("health", name, ep.label, False))
@@ -111,6 +114,10 @@ class MasterBus:
             if rows != self._published.get(name):
                 self._published[name] = rows
                 self.publish(("endpoints", name, rows))
+            if service.starting != self._starting.get(name, 0):
+                # Load shedding in the workers holds requests while instances start.
+                self._starting[name] = service.starting
+                self.publish(("starting", name, service.starting))
 
     def _send(self, key: int, message: tuple[Any, ...]) -> None:
         try:
@@ -196,6 +203,10 @@ def follow_master(
                     end_ejection(snapshot, message[1], message[2], loop.time())
                 elif message[0] == "config":
                     on_config(message[1])
+                elif message[0] == "starting":
+                    service = snapshot.services.get(message[1])
+                    if service is not None:
+                        service.starting = message[2]
         except (EOFError, OSError):
             # The master is gone; PR_SET_PDEATHSIG stops this worker shortly.
             with contextlib.suppress(Exception):

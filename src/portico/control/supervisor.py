@@ -181,6 +181,8 @@ class Supervisor:
         while not self._stopping:
             self._reap(loop.time())
             counted = self.counted
+            # Load shedding holds requests only while capacity is on its way.
+            self.service_of().starting = len(counted) - len(self.ready)
             if len(counted) < self.desired:
                 if loop.time() >= self._next_start:
                     await self._start_one()
@@ -303,6 +305,7 @@ class Supervisor:
             return None
         managed = Managed(instance, loop.time())
         self.instances.append(managed)
+        self.service_of().starting += 1
         self.events.add(self.name, "start", f"{instance_id} started on port {instance.port}")
         log.info("%s started on 127.0.0.1:%d", instance_id, instance.port)
         managed.task = loop.create_task(self._readiness(managed))
@@ -357,6 +360,7 @@ class Supervisor:
         managed.endpoint = ep
         membership.join(self.service_of(), ep, now)
         self.service_of().unavailable = None
+        self.service_of().starting = max(0, self.service_of().starting - 1)
         if self.crash_loop:
             self.crash_loop = False
             self.events.add(self.name, "ready", f"{self.name} recovered from its crash loop")

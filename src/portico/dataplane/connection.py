@@ -50,6 +50,7 @@ class ClientConnection(asyncio.Protocol):
         "_body_started",
         "_closed",
         "_corked",
+        "_counted",
         "_discard",
         "_paused",
         "_pumping",
@@ -85,6 +86,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         self._closed = False
         self._corked: list[bytes] | None = None
+        self._counted: tuple[int, ...] = ()  # connection-limit keys to give back
         self._timer = Deadline(ctx.loop, self._on_timeout)
         self._timer_kind = T_NONE
         self.up_timer = Deadline(ctx.loop, self._on_upstream_timeout)
@@ -105,6 +107,17 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         ip, port = (peer[0], peer[1]) if isinstance(peer, tuple) else ("unix", 0)
         self.client = ClientInfo(ip, port, self.ctx.snapshot.forwarding.trusts(ip))
+        limits = self.ctx.conn_limits
+        if limits is not None:
+            counted = limits.open(ip)
+            if counted is None:
+                # Over a connection limit: say so (503) and close, as politely as it gets.
+                self._closed = True
+                assert self.transport is not None
+                self.transport.write(error_response(503, True))
+                self.transport.close()
+                return
+            self._counted = counted
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -159,6 +172,11 @@ class ClientConnection(asyncio.Protocol):
         self._timer.cancel()
         self.up_timer.cancel()
         self.ctx.connections.discard(self)
+        if self._counted:
+            limits = self.ctx.conn_limits
+            if limits is not None:
+                limits.close(self._counted)
+            self._counted = ()
         ex = self.exchange
         if ex is not None:
             self.exchange = None

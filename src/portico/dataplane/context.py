@@ -17,6 +17,7 @@ from portico.runtime.snapshot import Snapshot
 if TYPE_CHECKING:
     from portico.dataplane.accesslog import AccessLog
     from portico.dataplane.exchange import HandlerFactory, LocalFactory
+    from portico.runtime.traffic import ConnectionLimits
 
 
 class Closable(Protocol):
@@ -61,6 +62,7 @@ class ProxyContext:
     __slots__ = (
         "access_log",
         "closing",
+        "conn_limits",
         "connections",
         "handlers",
         "local",
@@ -90,3 +92,5 @@ class ProxyContext:
         self.pools = PoolSet()
         self.connections: set[Closable] = set()
         self.closing = False
+        # Connection caps (runtime.traffic), set by the gateway when configured.
+        self.conn_limits: ConnectionLimits | None = None

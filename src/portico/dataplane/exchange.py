@@ -95,6 +95,11 @@ def request_id_field(req: RequestState) -> tuple[bytes, bytes] | None:
 def finish(conn: ClientSide, req: RequestState) -> None:
     """Record a finished (or abandoned) request: the single finish path."""
     ctx = conn.ctx
+    finishers = req.finishers
+    if finishers is not None:
+        req.finishers = None
+        for release in finishers:
+            release()
     log = ctx.access_log
     if log is not None:
         log.log_request(

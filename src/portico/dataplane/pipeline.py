@@ -1,10 +1,12 @@
 """From a parsed request head to the handler that answers it.
 
 ``begin`` is all the connection calls: it builds the request state, finds the route, runs the
-route's request stages (any of which may answer locally), applies the route's safety rules
-(allowed Upgrade protocols, body size) and hands the request to the handler registered for
-the route's kind. Handlers are registered by the composition root (``ProxyContext.handlers``),
-so this module and the connection never import one.
+route's request stages (any of which may answer locally, or hold the request: a rate
+limit's delay, a decision from Redis; ``HeldExchange`` then resumes with ``proceed``),
+applies the route's safety rules (allowed Upgrade protocols, body size) and hands the
+request to the handler registered for the route's kind. Handlers are registered by the
+composition root (``ProxyContext.handlers``), so this module and the connection never
+import one.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from portico.codec.events import RequestHead
 from portico.codec.paths import normalize_path
 from portico.dataplane import forwarding
 from portico.dataplane.exchange import ClientSide, Handler
+from portico.dataplane.hold import HeldExchange
 from portico.errors import NoRoute, PorticoError, ProtocolError
 from portico.runtime.request import RequestState
 from portico.runtime.routes import CompiledRoute
-from portico.runtime.stages import LocalReply
+from portico.runtime.stages import Hold, LocalReply
 
 
 def begin(conn: ClientSide, head: RequestHead) -> Handler:
@@ -61,10 +64,28 @@ def begin(conn: ClientSide, head: RequestHead) -> Handler:
     if route is None:
         return _local(conn, req, None, error=NoRoute("no route matches"))
     req.route = route
-    for stage in route.request_stages:
-        reply = stage.on_request(req)
+    if not route.request_stages:
+        return _handler(conn, req, route)
+    return proceed(conn, req, route, 0)
+
+
+def proceed(conn: ClientSide, req: RequestState, route: CompiledRoute, first: int) -> Handler:
+    """Run the route's request stages from ``first`` on, then pick the handler. A stage that
+    holds the request gets a ``HeldExchange``, which calls this again after the hold."""
+    stages = route.request_stages
+    for i in range(first, len(stages)):
+        reply = stages[i].on_request(req)
         if reply is not None:
-            return _local(conn, req, route, reply=reply)
+            if type(reply) is Hold:
+                after = i if reply.again else i + 1
+                return HeldExchange(conn, req, route, after, reply, proceed)
+            return _local(conn, req, route, reply=reply)  # type: ignore[arg-type]
+    return _handler(conn, req, route)
+
+
+def _handler(conn: ClientSide, req: RequestState, route: CompiledRoute) -> Handler:
+    ctx = conn.ctx
+    head = req.head
     if head.upgrade and not _upgrade_allowed(head, route):
         # h2c smuggling and friends: the request goes on as a plain request, without Upgrade.
         head.upgrade = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from portico.config.model import Config
@@ -43,6 +43,7 @@ from portico.runtime.stages import (
     Stage,
     StickyCookie,
 )
+from portico.runtime.traffic import TrafficStores, traffic_stages
 
 if TYPE_CHECKING:
     from portico.runtime.snapshot import Service
@@ -83,7 +84,11 @@ def route_name(route: Route, index: int) -> str:
 
 
 def compile_route(
-    route: Route, index: int, services: Mapping[str, Service], request_id: RequestIdConfig | None
+    route: Route,
+    index: int,
+    services: Mapping[str, Service],
+    request_id: RequestIdConfig | None,
+    traffic: Sequence[Stage] = (),
 ) -> CompiledRoute:
     if route.upstream or route.split:
         kind = KIND_PROXY
@@ -149,20 +154,26 @@ def compile_route(
             cr.reply_body = tpl
     if request_id is not None:
         cr.request_id_header = request_id.header.encode("latin-1")
-    cr.set_stages(_stages(route, request_id, services))
+    cr.set_stages(_stages(route, request_id, services, traffic))
     return cr
 
 
 def _stages(
-    route: Route, request_id: RequestIdConfig | None, services: Mapping[str, Service]
+    route: Route,
+    request_id: RequestIdConfig | None,
+    services: Mapping[str, Service],
+    traffic: Sequence[Stage] = (),
 ) -> list[Stage]:
     """The chain in its fixed order: request ID first (so every later stage and every local
-    reply can name it), then path rewriting, then header rules; on the way back, the proxy's
-    own cookie, the prefix fixes, the user's header rules, and the request ID last."""
+    reply can name it), then traffic control (IP rules, rate and concurrency limits: before
+    any work is spent on the request), then path rewriting, then header rules; on the way
+    back, the proxy's own cookie, the prefix fixes, the user's header rules, and the
+    request ID last."""
     stages: list[Stage] = []
     rid = RequestId(request_id.header) if request_id is not None else None
     if rid is not None:
         stages.append(rid)
+    stages.extend(traffic)
     if route.strip_prefix or route.add_prefix or route.rewrite:
         rw = route.rewrite
         regex, to = (rw.regex, rw.to) if rw else (None, None)
@@ -190,11 +201,35 @@ def _stages(
     return stages
 
 
-def compile_routes(config: Config, services: Mapping[str, Service]) -> Router:
+def _fleets(route: Route, services: Mapping[str, Service]) -> list[Service]:
+    """The upstreams a route's requests go to (not its mirror): what load shedding watches."""
+    names = [route.upstream] if route.upstream else [t.upstream for t in route.split or ()]
+    return [services[n] for n in names if n]
+
+
+def compile_routes(
+    config: Config, services: Mapping[str, Service], stores: TrafficStores | None = None
+) -> Router:
     rid_cfg = config.request_id
     rid = rid_cfg if rid_cfg is not None and rid_cfg.enabled else None
+    stores = stores if stores is not None else TrafficStores(config.traffic)
     routes = [
-        compile_route(r, i, services, rid) for i, r in enumerate(config.effective_routes())
+        compile_route(
+            r,
+            i,
+            services,
+            rid,
+            traffic_stages(
+                config,
+                r,
+                route_name(r, i),
+                stores,
+                config.redis,
+                _fleets(r, services),
+                r.shed_priority,
+            ),
+        )
+        for i, r in enumerate(config.effective_routes())
     ]
     return Router(routes, RequestId(rid.header) if rid is not None else None)
 

@@ -35,9 +35,12 @@ class RequestState:
         "_client_ip",
         "captures",
         "client_port",
+        "finishers",
         "head",
         "host",
         "id_stage",
+        "limit_headers",
+        "now",
         "path",
         "peer_ip",
         "peer_trusted",
@@ -76,6 +79,8 @@ class RequestState:
         self.trusts = trusts
         self.scheme = scheme
         self.started_at = started_at
+        # When stages run: started_at, then the time a held request resumed (runtime.stages).
+        self.now = started_at
         self.route: CompiledRoute | None = None
         self.captures: dict[str, str] | None = None
         self.request_id: bytes | None = None
@@ -85,6 +90,10 @@ class RequestState:
         self.upstream: str | None = None  # label of the endpoint that answered
         self.set_cookie: bytes | None = None  # a Set-Cookie value the handler wants sent
         self._client_ip: str | None = None
+        # Traffic control: callbacks run once when the request finishes (a concurrency slot
+        # to give back), and the RateLimit headers its response carries.
+        self.finishers: list[Callable[[], None]] | None = None
+        self.limit_headers: Headers | None = None
 
     @property
     def client_ip(self) -> str:

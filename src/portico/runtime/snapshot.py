@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from portico.config.model import Config, HealthCheck, Upstream
+from portico.policy.admission import ShedRule
 from portico.policy.balancers import BALANCERS, Balancer, LeastLatency, select_candidates
 from portico.policy.hashing import ConsistentHash, StickyCookie
 from portico.policy.health import OutlierDetector
@@ -21,6 +22,7 @@ from portico.policy.retry import RetryBudget, RetryPolicy
 from portico.runtime.compile import compile_routes
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import Router
+from portico.runtime.traffic import TrafficStores
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -64,6 +66,8 @@ class Service:
     waiters: list[Callable[[], None]] = field(default_factory=list)  # requests held for one
     unavailable: str | None = None  # why no instance serves (crash loop), told in 503s
     latencies: deque[float] | None = None  # recent response times, for a p95 autoscaler
+    starting: int = 0  # instances starting (written by the supervisor), for load shedding
+    shed: ShedRule | None = None
 
     def candidates(self, now: float, exclude: Sequence[Endpoint] = ()) -> Sequence[Endpoint]:
         """Endpoints a request may go to now: available ones (backups only when no primary
@@ -105,6 +109,7 @@ class Snapshot:
     router: Router
     services: dict[str, Service]
     forwarding: ForwardingPolicy
+    traffic: TrafficStores | None = None  # limiter state, kept across reloads
 
 
 def _compile_service(
@@ -180,6 +185,12 @@ def _compile_service(
         discovered=up.discover is not None,
         cold_start_timeout=up.app.cold_start_timeout if up.app else 30.0,
         demand=previous_service.demand if previous_service and up.app else None,
+        shed=(
+            ShedRule(up.shed.max_in_flight, up.shed.hold, up.shed.low_share, up.shed.retry_after)
+            if up.shed is not None
+            else None
+        ),
+        starting=previous_service.starting if previous_service is not None else 0,
         latencies=(
             deque(maxlen=LATENCY_SAMPLES)
             if up.app and up.app.autoscale and up.app.autoscale.metric == "p95_latency"
@@ -188,8 +199,13 @@ def _compile_service(
     )
 
 
-def compile_config(config: Config, previous: Snapshot | None = None) -> Snapshot:
-    """Build a snapshot. Pure: raises only on programming errors (config is validated)."""
+def compile_config(
+    config: Config, previous: Snapshot | None = None, traffic: TrafficStores | None = None
+) -> Snapshot:
+    """Build a snapshot. Pure: raises only on programming errors (config is validated).
+
+    ``traffic`` is where rate-limit state lives (the gateway's shared memory with workers);
+    unset, the previous snapshot's is kept, or private tables are made when first needed."""
     old: dict[tuple[str, int], Endpoint] = {}
     old_services: dict[str, Service] = {}
     if previous is not None:
@@ -208,5 +224,9 @@ def compile_config(config: Config, previous: Snapshot | None = None) -> Snapshot
         via=b"1.1 " + fw.via_name.encode("ascii") if fw.via else None,
         trusted=[ipaddress.ip_network(n, strict=False) for n in fw.trusted_proxies],
     )
-    router = compile_routes(config, services)
-    return Snapshot(router=router, services=services, forwarding=forwarding)
+    if traffic is None:
+        traffic = previous.traffic if previous is not None else None
+    if traffic is None:
+        traffic = TrafficStores(config.traffic)
+    router = compile_routes(config, services, traffic)
+    return Snapshot(router=router, services=services, forwarding=forwarding, traffic=traffic)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from portico.codec.writer import REASONS, status_line
 from portico.runtime.request import Headers, RequestState, Template
@@ -45,6 +45,29 @@ class LocalReply:
         return b"".join(out)
 
 
+Resume = Callable[["LocalReply | Hold | None"], None]
+
+
+class Hold:
+    """What ``on_request`` returns to pause a request before the next stage: for ``delay``
+    seconds (a rate limit's nginx-style delay), or, with ``start``, until the decision an I/O
+    stage is waiting for arrives: the pipeline calls ``start(resume)`` and the stage calls
+    ``resume`` once with a reply, another hold, or None to go on. With ``again`` the stage
+    that held is asked again after the delay (load shedding waiting for room)."""
+
+    __slots__ = ("again", "delay", "start")
+
+    def __init__(
+        self,
+        delay: float = 0.0,
+        start: Callable[[Resume], None] | None = None,
+        again: bool = False,
+    ) -> None:
+        self.delay = delay
+        self.start = start
+        self.again = again
+
+
 class BodyFilter:
     """A streaming transform of a response body. ``feed`` and ``end`` return bytes to send."""
 
@@ -66,7 +89,7 @@ class Stage:
     on_response_hook = False
     body_hook = False
 
-    def on_request(self, req: RequestState) -> LocalReply | None:
+    def on_request(self, req: RequestState) -> LocalReply | Hold | None:
         return None
 
     def on_response(self, req: RequestState, status: int, headers: Headers) -> None:
