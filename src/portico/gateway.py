@@ -36,10 +36,11 @@ from portico.dataplane.exchange import HandlerFactory
 from portico.dataplane.listener import bind_socket
 from portico.dataplane.local import LocalExchange
 from portico.dataplane.proxy import ProxyExchange
+from portico.dataplane.static import static_handler
 from portico.errors import ConfigError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
-from portico.runtime.routes import KIND_PROXY
+from portico.runtime.routes import KIND_PROXY, KIND_STATIC
 from portico.runtime.snapshot import compile_config
 
 log = logging.getLogger("portico")
@@ -152,7 +153,7 @@ async def run_dataplane(
     settings = ClientSettings.from_config(config.server.limits, config.server.timeouts)
     access = config.access_log
     access_log = AccessLog(access.format, access.path) if access.format != "off" else None
-    handlers: dict[str, HandlerFactory] = {KIND_PROXY: ProxyExchange}
+    handlers: dict[str, HandlerFactory] = {KIND_PROXY: ProxyExchange, KIND_STATIC: static_handler}
     ctx = ProxyContext(loop, snapshot, settings, access_log, handlers, LocalExchange)
     servers: list[asyncio.Server] = []
     for address in config.server.listen:

@@ -16,11 +16,13 @@ from portico.config.model import Config
 from portico.config.routes import HeaderMatch, Redirect, Route, covers, describe
 from portico.config.routes import RequestId as RequestIdConfig
 from portico.policy.retry import RetryPolicy
+from portico.runtime.compress import DEFAULT_TYPES, Compress, available
 from portico.runtime.request import Template
 from portico.runtime.routes import (
     KIND_PROXY,
     KIND_REDIRECT,
     KIND_RESPOND,
+    KIND_STATIC,
     PATH_EXACT,
     PATH_PREFIX,
     PATH_REGEX,
@@ -43,6 +45,7 @@ from portico.runtime.stages import (
     Stage,
     StickyCookie,
 )
+from portico.runtime.static import StaticSpec
 
 if TYPE_CHECKING:
     from portico.runtime.snapshot import Service
@@ -89,6 +92,8 @@ def compile_route(
         kind = KIND_PROXY
     elif route.redirect is not None:
         kind = KIND_REDIRECT
+    elif route.static is not None:
+        kind = KIND_STATIC
     else:
         kind = KIND_RESPOND
     cr = CompiledRoute(route_name(route, index), index, kind)
@@ -116,6 +121,10 @@ def compile_route(
     cr.upgrades = frozenset(p.encode() for p in route.upgrades)
     if route.upstream:
         cr.target = _target(route, services[route.upstream], 1)
+    elif route.static is not None:
+        cr.static = StaticSpec(route.static, route.path)
+        if route.static.fallback_upstream:  # the proxy handler takes what no file matches
+            cr.target = _target(route, services[route.static.fallback_upstream], 1)
     elif route.split:
         targets = [_target(route, services[t.upstream], t.weight) for t in route.split]
         cr.split = Split(targets, route.split_sticky)
@@ -185,9 +194,18 @@ def _stages(
     if route.response_headers is not None:
         h = route.response_headers
         stages.append(ResponseHeaders(HeaderEdit(h.set, h.add, h.remove)))
+    if route.compress is not None:
+        stages.append(_compress(route))
     if request_id is not None:
         stages.append(EchoRequestId(request_id.header))
     return stages
+
+
+def _compress(route: Route) -> Compress:
+    c = route.compress
+    assert c is not None
+    codings = c.encodings or [k for k in ("zstd", "br", "gzip") if available(k)]
+    return Compress(codings, c.levels.model_dump(), int(c.min_size), c.types or DEFAULT_TYPES)
 
 
 def compile_routes(config: Config, services: Mapping[str, Service]) -> Router:
