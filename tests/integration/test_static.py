@@ -7,11 +7,16 @@ proxied route with compression in front of a raw backend. Each test speaks raw H
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import gzip
+import json
 import os
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,7 @@ import pytest
 import zstandard
 
 from tests.support.backends import RawBackend
-from tests.support.behaviours import respond
+from tests.support.behaviours import read_request
 from tests.support.proxy import PorticoProcess
 from tests.support.rawhttp import RawConnection, RawResponse, build_request
 
@@ -67,14 +72,34 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def app_handler() -> Any:
+    """A small correct origin: Date, a strong ETag, and If-None-Match answered with 304
+    (weak comparison, RFC 9110 13.1.2), so a weakened tag from the compress stage still
+    validates, as it does with Flask/Werkzeug."""
+    body = b"<p>" + b"hello from the app " * 200 + b"</p>\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (req := await read_request(reader)) is not None:
+            common = (
+                b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
+                b'ETag: "v1"\r\nCache-Control: max-age=60\r\n'
+            )
+            inm = req.header("if-none-match") or ""
+            if '"v1"' in inm:
+                writer.write(b"HTTP/1.1 304 Not Modified\r\n" + common + b"\r\n")
+            else:
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n" + common
+                    + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+            await writer.drain()
+
+    return handler
+
+
 @pytest.fixture(scope="module")
 def backend() -> Iterator[RawBackend]:
-    sse = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
-        b"ETag: \"v1\"\r\n\r\n%s"
-    )
-    body = b"<p>" + b"hello from the app " * 200 + b"</p>\n"
-    b = RawBackend(respond(sse % (len(body), body)))
+    b = RawBackend(app_handler())
     b.start()
     yield b
     b.stop()
@@ -96,6 +121,11 @@ def portico(tree: Path, backend: RawBackend) -> Iterator[PorticoProcess]:
                 },
             },
             {"path": "/alias/", "static": {"alias": root + "/docs"}},
+            {
+                "path": "/r/",
+                "strip_prefix": "/r",
+                "static": {"root": root, "cache_control": {"*": "max-age=60"}},
+            },
             {"path": "/list/", "strip_prefix": "/list", "static": {"root": root, "listing": True}},
             {
                 "path": "/spa/",
@@ -113,6 +143,12 @@ def portico(tree: Path, backend: RawBackend) -> Iterator[PorticoProcess]:
                 "static": {"root": root, "symlinks_outside": True},
             },
             {"path": "/c/", "strip_prefix": "/c", "static": {"root": root}, "compress": True},
+            {
+                "path": "/rc/",
+                "strip_prefix": "/rc",
+                "static": {"root": root, "cache_control": {"*": "max-age=60"}},
+                "compress": True,
+            },
             {"path": "/", "upstream": "app", "compress": True},
         ],
     }
@@ -452,3 +488,46 @@ def test_http10_client_gets_a_close_delimited_compressed_body(portico: PorticoPr
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"Transfer-Encoding" not in head and b"Content-Encoding: gzip" in head
     assert zlib.decompress(body, 31) == CSS
+
+
+# --- REDbot ---------------------------------------------------------------------------------------
+
+
+def redbot(url: str, *headers: str) -> list[dict[str, str]]:
+    """REDbot's notes on one URL (it also sends its own conditional and range subrequests)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.support.redbot_check", url, *headers],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def complaints(notes: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [n for n in notes if n["level"] in ("warning", "bad")]
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        ("/r/css/site.css", ()),  # a static file: validators, conditionals, its range probe
+        ("/r/digits.txt", ("Range: bytes=100-199",)),  # a range request
+        ("/r/app.js", ("Accept-Encoding: gzip",)),  # no sibling on this route: identity
+        ("/page", ()),  # a compressed proxied response (REDbot negotiates gzip itself)
+        ("/rc/css/site.css", ()),  # a static file compressed by the stage
+    ],
+)
+def test_redbot_finds_nothing_to_complain_about(
+    portico: PorticoProcess, target: str, headers: tuple[str, ...]
+) -> None:
+    notes = redbot(portico.url + target, *headers)
+    names = {n["name"] for n in notes}
+    assert complaints(notes) == [], notes
+    if target in ("/page", "/rc/css/site.css"):
+        assert {"CONNEG_GZIP_GOOD", "INM_304"} <= names, notes  # gzip, Vary, ETags all right
+    elif not headers:
+        assert {"INM_304", "IMS_304", "RANGE_CORRECT"} <= names, notes

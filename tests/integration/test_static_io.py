@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -95,10 +96,12 @@ def open_fds(pid: int) -> int:
 
 
 def test_a_1gib_file_with_sendfile_keeps_memory_flat(portico: PorticoProcess) -> None:
-    with socket.create_connection(("127.0.0.1", portico.port), timeout=30) as sock:
-        with RssSampler(portico.pid) as sampler:
-            sock.sendall(build_request("GET", "/f/big.bin"))
-            head, count = read_response(sock, time.monotonic() + 60)
+    with (
+        socket.create_connection(("127.0.0.1", portico.port), timeout=30) as sock,
+        RssSampler(portico.pid) as sampler,
+    ):
+        sock.sendall(build_request("GET", "/f/big.bin"))
+        head, count = read_response(sock, time.monotonic() + 60)
     assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % GiB in head
     assert count == GiB
     assert sampler.growth < RSS_GROWTH_LIMIT, sampler
@@ -108,40 +111,42 @@ def test_a_1gib_file_with_sendfile_keeps_memory_flat(portico: PorticoProcess) ->
 def test_a_1gib_file_through_compression_keeps_memory_flat(portico: PorticoProcess) -> None:
     decoder = zlib.decompressobj(31)
     total = 0
-    with socket.create_connection(("127.0.0.1", portico.port), timeout=30) as sock:
-        with RssSampler(portico.pid) as sampler:
-            sock.sendall(
-                build_request(
-                    "GET", "/z/big.txt", {"Accept-Encoding": "gzip", "Connection": "close"}
-                )
+    with (
+        socket.create_connection(("127.0.0.1", portico.port), timeout=30) as sock,
+        RssSampler(portico.pid) as sampler,
+    ):
+        sock.sendall(
+            build_request(
+                "GET", "/z/big.txt", {"Accept-Encoding": "gzip", "Connection": "close"}
             )
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += sock.recv(65536)
-            head, _, rest = data.partition(b"\r\n\r\n")
-            assert b"Content-Encoding: gzip" in head and b"chunked" in head
-            raw = bytearray(rest)
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                piece = sock.recv(RECV_BUFFER)
-                if not piece:
-                    break
-                raw += piece
-            # chunked framing: strip it, then decode with bounded output per step
-            body = bytearray()
-            pos = 0
-            while True:
-                line_end = raw.index(b"\r\n", pos)
-                size = int(raw[pos:line_end], 16)
-                if size == 0:
-                    break
-                body += raw[line_end + 2 : line_end + 2 + size]
-                pos = line_end + 4 + size
-            view = bytes(body)
-            while view:
-                out = decoder.decompress(view, 64 * MiB)
-                total += len(out)
-                view = decoder.unconsumed_tail
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert b"Content-Encoding: gzip" in head and b"chunked" in head
+        raw = bytearray(rest)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            piece = sock.recv(RECV_BUFFER)
+            if not piece:
+                break
+            raw += piece
+        # chunked framing: strip it, then decode with bounded output per step
+        body = bytearray()
+        pos = 0
+        while True:
+            line_end = raw.index(b"\r\n", pos)
+            size = int(raw[pos:line_end], 16)
+            if size == 0:
+                break
+            body += raw[line_end + 2 : line_end + 2 + size]
+            pos = line_end + 4 + size
+        view = bytes(body)
+        while view:
+            out = decoder.decompress(view, 64 * MiB)
+            total += len(out)
+            view = decoder.unconsumed_tail
     assert decoder.eof
     assert total == GiB
     assert sampler.growth < RSS_GROWTH_LIMIT, sampler
@@ -212,7 +217,7 @@ def test_clients_leaving_mid_file_leak_no_descriptors(portico: PorticoProcess) -
             got += len(piece)
         if i % 2:
             # a reset, as a killed client would leave
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
     assert time.monotonic() - started < 60
     wait_until(
@@ -243,7 +248,7 @@ def test_a_file_rewritten_while_sent_is_not_presented_as_complete(
                 f.seek(size // 2)
                 f.write(b"b" * 1024)
             os.utime(path, ns=(time.time_ns(), time.time_ns() + 5_000_000_000))
-            head, _, rest = data.partition(b"\r\n\r\n")
+            rest = data.partition(b"\r\n\r\n")[2]
             count = len(rest)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -314,39 +319,41 @@ def test_sse_through_compression_arrives_without_delay(
         "upstreams": {"app": {"backends": [backend.url]}},
         "routes": [{"path": "/", "upstream": "app", "compress": True}],
     }
-    with PorticoProcess(config) as proxy:
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-            sock.sendall(build_request("GET", "/events", {"Accept-Encoding": coding}))
-            raw = b""
-            while b"\r\n\r\n" not in raw:
+    with (
+        PorticoProcess(config) as proxy,
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock,
+    ):
+        sock.sendall(build_request("GET", "/events", {"Accept-Encoding": coding}))
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += sock.recv(65536)
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        assert f"Content-Encoding: {coding}".encode() in head, head
+        decoder = Decoder(coding)
+        text = b""
+        arrived: list[float] = []
+        lock = threading.Lock()
+        deadline = time.monotonic() + 20
+        while len(arrived) < EVENTS and time.monotonic() < deadline:
+            # strip the chunked framing of whatever has arrived
+            while True:
+                line_end = raw.find(b"\r\n")
+                if line_end < 0:
+                    break
+                size = int(raw[:line_end], 16)
+                if len(raw) < line_end + 4 + size:
+                    break
+                if size:
+                    text += decoder.feed(raw[line_end + 2 : line_end + 2 + size])
+                raw = raw[line_end + 4 + size :]
+                if size == 0:
+                    break
+            now = time.monotonic()
+            with lock:
+                while text.count(b"\n\n") > len(arrived):
+                    arrived.append(now)
+            if len(arrived) < EVENTS:
                 raw += sock.recv(65536)
-            head, _, raw = raw.partition(b"\r\n\r\n")
-            assert f"Content-Encoding: {coding}".encode() in head, head
-            decoder = Decoder(coding)
-            text = b""
-            arrived: list[float] = []
-            lock = threading.Lock()
-            deadline = time.monotonic() + 20
-            while len(arrived) < EVENTS and time.monotonic() < deadline:
-                # strip the chunked framing of whatever has arrived
-                while True:
-                    line_end = raw.find(b"\r\n")
-                    if line_end < 0:
-                        break
-                    size = int(raw[:line_end], 16)
-                    if len(raw) < line_end + 4 + size:
-                        break
-                    if size:
-                        text += decoder.feed(raw[line_end + 2 : line_end + 2 + size])
-                    raw = raw[line_end + 4 + size :]
-                    if size == 0:
-                        break
-                now = time.monotonic()
-                with lock:
-                    while text.count(b"\n\n") > len(arrived):
-                        arrived.append(now)
-                if len(arrived) < EVENTS:
-                    raw += sock.recv(65536)
     assert len(arrived) == EVENTS, text
     delays = [a - s for a, s in zip(arrived, sent_at, strict=True)]
     assert max(delays) < 0.05, delays

@@ -445,3 +445,21 @@ def test_bad_static_and_compress_config(route: str, key: str, reason: str) -> No
     message = error_of(config(route))
     assert key in message, message
     assert reason in message, message
+
+
+def test_heads_never_compressed_still_say_they_vary() -> None:
+    """206, HEAD and 304 carry the Vary a 200 would (RFC 9110 15.3.7, RFC 9111 4.3.4)."""
+    for status, method in ((206, b"GET"), (200, b"HEAD")):
+        headers = response()
+        stage().on_response(request(b"gzip", method), status, headers)
+        assert names(headers)[b"vary"] == b"Accept-Encoding"
+        assert names(headers)[b"etag"] == b'"abc"'
+    not_modified: Headers = [(b"ETag", b'"abc"')]
+    stage().on_response(request(b"gzip"), 304, not_modified)
+    assert names(not_modified) == {b"etag": b'W/"abc"', b"vary": b"Accept-Encoding"}
+    not_modified = [(b"ETag", b'"abc"')]
+    stage().on_response(request(None), 304, not_modified)
+    assert names(not_modified)[b"etag"] == b'"abc"'  # this client gets identity: strong
+    image = [(b"Content-Type", b"image/png")]
+    stage().on_response(request(b"gzip"), 206, image)
+    assert b"vary" not in names(image)

@@ -147,6 +147,7 @@ class Compress(Stage):
 
     __slots__ = ("codings", "levels", "min_size", "types")
     body_hook = True
+    on_response_hook = True
 
     def __init__(
         self,
@@ -164,11 +165,33 @@ class Compress(Stage):
         media = ctype.split(b";", 1)[0].strip().lower().decode("latin-1")
         return any(fnmatchcase(media, t) for t in self.types)
 
-    def body_filter(self, req: RequestState, status: int, headers: Headers) -> BodyFilter | None:
-        if status < 200 or status in (204, 206, 304) or req.head.method == b"HEAD":
-            return None
+    def on_response(self, req: RequestState, status: int, headers: Headers) -> None:
+        """Heads that are never compressed but must say what a 200 would (RFC 9110 15.3.7,
+        RFC 9111 4.3.4): a 206 and a HEAD answer carry the same Vary, and a 304, which
+        updates what a cache stored, the same Vary and, for a client that would get a
+        compressed body, the same weakened ETag. A 304 often has no Content-Type, so it is
+        not judged by type: a Vary too many costs a cache a split key, a missing one a
+        wrong body."""
+        if status == 304:
+            add_vary(headers)
+            if self._coding(req) is not None:
+                for i, (name, value) in enumerate(headers):
+                    if name.lower() == b"etag":
+                        headers[i] = (name, weaken(value))
+        elif (
+            status == 206 or (req.head.method == b"HEAD" and 200 <= status < 300)
+        ) and self._eligible(headers) is not None:
+            add_vary(headers)
+
+    def _coding(self, req: RequestState) -> str | None:
+        return negotiate(
+            (v for n, v in req.head.headers if n.lower() == b"accept-encoding"), self.codings
+        )
+
+    def _eligible(self, headers: Headers) -> int | None:
+        """The known length (-1 if unknown) if a body with this head could be compressed."""
         ctype: bytes | None = None
-        length: int | None = None
+        length = -1
         for name, value in headers:
             lname = name.lower()
             if lname == b"content-encoding":
@@ -186,13 +209,19 @@ class Compress(Stage):
                     return None
         if ctype is None or not self._type_allowed(ctype):
             return None
-        if length is not None and length < self.min_size:
+        return length
+
+    def body_filter(self, req: RequestState, status: int, headers: Headers) -> BodyFilter | None:
+        if status < 200 or status in (204, 206, 304) or req.head.method == b"HEAD":
+            return None
+        length = self._eligible(headers)
+        if length is None:
+            return None
+        if 0 <= length < self.min_size:
             return None
         # From here the answer depends on Accept-Encoding, whichever coding is chosen.
         add_vary(headers)
-        coding = negotiate(
-            (v for n, v in req.head.headers if n.lower() == b"accept-encoding"), self.codings
-        )
+        coding = self._coding(req)
         if coding is None:
             return None
         out: Headers = []
