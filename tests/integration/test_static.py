@@ -531,3 +531,49 @@ def test_redbot_finds_nothing_to_complain_about(
         assert {"CONNEG_GZIP_GOOD", "INM_304"} <= names, notes  # gzip, Vary, ETags all right
     elif not headers:
         assert {"INM_304", "IMS_304", "RANGE_CORRECT"} <= names, notes
+
+
+# --- the issue's acceptance example ----------------------------------------------------------------
+
+ACCEPTANCE = """\
+[server]
+listen = ["127.0.0.1:{port}"]
+
+[upstreams.app]
+backends = ["{backend}"]
+
+[[routes]]   # GET /static/css/site.css serves /srv/www/css/site.css, with ETag, ranges, 304s
+path = "/static/"
+strip_prefix = "/static"
+static = {{ root = "{root}" }}
+
+[[routes]]   # proxied; responses compressed when the client accepts it
+path = "/"
+upstream = "app"
+compress = true
+"""
+
+
+def test_acceptance_example(tree: Path, backend: RawBackend, tmp_path: Path) -> None:
+    from tests.support.ports import free_port
+
+    text = ACCEPTANCE.format(port=free_port(), backend=backend.url, root=tree)
+    path = tmp_path / "portico.toml"
+    path.write_text(text)
+    check = subprocess.run(
+        [sys.executable, "-m", "portico", "check", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    with PorticoProcess(text) as proxy:
+        r = get(proxy, "/static/css/site.css")
+        assert r.status == 200 and r.body == CSS
+        etag = r.header("ETag") or ""
+        assert etag and r.header("Accept-Ranges") == "bytes"
+        assert get(proxy, "/static/css/site.css", If_None_Match=etag).status == 304
+        part = get(proxy, "/static/css/site.css", Range="bytes=0-3")
+        assert (part.status, part.body) == (206, CSS[:4])
+        page = get(proxy, "/", Accept_Encoding="gzip, br")
+        assert page.header("Content-Encoding") in ("br", "zstd", "gzip")
+        assert decode(page).startswith(b"<p>hello from the app")
+        assert get(proxy, "/").header("Content-Encoding") is None
