@@ -490,7 +490,7 @@ def test_http10_client_gets_a_close_delimited_compressed_body(portico: PorticoPr
     assert zlib.decompress(body, 31) == CSS
 
 
-# --- REDbot ---------------------------------------------------------------------------------------
+# --- REDbot ------------------------------------------------------------------------------------
 
 
 def redbot(url: str, *headers: str) -> list[dict[str, str]]:
@@ -533,7 +533,7 @@ def test_redbot_finds_nothing_to_complain_about(
         assert {"INM_304", "IMS_304", "RANGE_CORRECT"} <= names, notes
 
 
-# --- the issue's acceptance example ----------------------------------------------------------------
+# --- the issue's acceptance example ------------------------------------------------------
 
 ACCEPTANCE = """\
 [server]

@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 from email.utils import formatdate, parsedate_tz
 from fnmatch import fnmatchcase
+from functools import lru_cache
 
 from portico.policy.encoding import choose
 
@@ -27,6 +28,7 @@ from portico.policy.encoding import choose
 BAD_REQUEST, NOT_FOUND = 400, 404
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def _percent_decode(path: bytes) -> bytes | None:
@@ -71,7 +73,7 @@ def url_segments(path: bytes, allow_hidden: bool) -> list[str] | int:
             return BAD_REQUEST
         if b"/" in seg or b"\\" in seg:
             return BAD_REQUEST
-        if any(c < 0x20 or c == 0x7F for c in seg):
+        if _CONTROL.search(seg):
             return BAD_REQUEST
         try:
             text = seg.decode("utf-8")
@@ -105,8 +107,13 @@ def etag(mtime_ns: int, size: int, ino: int, coding: str = "") -> bytes:
     return tag + b'"'
 
 
+@lru_cache(maxsize=1024)
+def _http_date(seconds: int) -> bytes:
+    return formatdate(seconds, usegmt=True).encode("ascii")
+
+
 def http_date(seconds: float) -> bytes:
-    return formatdate(int(seconds), usegmt=True).encode("ascii")
+    return _http_date(int(seconds))
 
 
 def parse_http_date(value: bytes) -> int | None:
