@@ -442,7 +442,22 @@ class StaticExchange:
         head_bytes = b"".join(out)
         self._setup_sendfile(length)
         self._budget = TURN_BYTES
+        segs = self._segments
         if self._filters is None and length is not None and length <= SMALL_FILE:
+            if len(segs) == 1 and not isinstance(segs[0], bytes):
+                # The common small file: one read, one send with the head, nothing else.
+                offset, n = segs.pop()
+                try:
+                    data = os.pread(self.file.fd, n, offset)
+                except OSError:
+                    data = b""
+                if len(data) != n:
+                    self._abort()
+                    return
+                req.sent_bytes = n
+                conn.write(head_bytes + data)
+                self._complete()
+                return
             # Head and body leave in one send.
             conn.cork()
             conn.write(head_bytes)
