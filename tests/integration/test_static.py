@@ -12,6 +12,7 @@ import email.parser
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -577,3 +578,26 @@ def test_acceptance_example(tree: Path, backend: RawBackend, tmp_path: Path) -> 
         assert page.header("Content-Encoding") in ("br", "zstd", "gzip")
         assert decode(page).startswith(b"<p>hello from the app")
         assert get(proxy, "/").header("Content-Encoding") is None
+
+
+# --- curl -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_resumes_a_download_and_decodes_compression(
+    portico: PorticoProcess, tmp_path: Path
+) -> None:
+    out = tmp_path / "digits.txt"
+    out.write_bytes(DIGITS[:400])  # an interrupted download
+    subprocess.run(
+        ["curl", "-sS", "--fail", "-C", "-", "-o", str(out), f"{portico.url}/s/digits.txt"],
+        check=True, timeout=30,
+    )
+    assert out.read_bytes() == DIGITS
+    done = subprocess.run(
+        ["curl", "-sS", "--fail", "--compressed", "-D", "-", f"{portico.url}/c/css/site.css"],
+        check=True, timeout=30, capture_output=True,
+    )
+    head, _, body = done.stdout.partition(b"\r\n\r\n")
+    assert b"content-encoding: " in head.lower()
+    assert body == CSS
