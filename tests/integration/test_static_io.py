@@ -95,19 +95,21 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.timeout(300)  # a few seconds alone; minutes when the machine is shared
 def test_a_1gib_file_with_sendfile_keeps_memory_flat(portico: PorticoProcess) -> None:
     with (
         socket.create_connection(("127.0.0.1", portico.port), timeout=30) as sock,
         RssSampler(portico.pid) as sampler,
     ):
         sock.sendall(build_request("GET", "/f/big.bin"))
-        head, count = read_response(sock, time.monotonic() + 60)
+        head, count = read_response(sock, time.monotonic() + 240)
     assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % GiB in head
     assert count == GiB
     assert sampler.growth < RSS_GROWTH_LIMIT, sampler
 
 
 @pytest.mark.slow  # about 30 s here: gzip of 1 GiB on a shared core
+@pytest.mark.timeout(300)
 def test_a_1gib_file_through_compression_keeps_memory_flat(portico: PorticoProcess) -> None:
     decoder = zlib.decompressobj(31)
     total = 0
@@ -126,7 +128,7 @@ def test_a_1gib_file_through_compression_keeps_memory_flat(portico: PorticoProce
         head, _, rest = data.partition(b"\r\n\r\n")
         assert b"Content-Encoding: gzip" in head and b"chunked" in head
         raw = bytearray(rest)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             piece = sock.recv(RECV_BUFFER)
             if not piece:
@@ -152,6 +154,7 @@ def test_a_1gib_file_through_compression_keeps_memory_flat(portico: PorticoProce
     assert sampler.growth < RSS_GROWTH_LIMIT, sampler
 
 
+@pytest.mark.timeout(300)
 def test_a_client_that_stops_reading_stops_the_file_reads(
     portico: PorticoProcess, root: Path
 ) -> None:
@@ -175,7 +178,7 @@ def test_a_client_that_stops_reading_stops_the_file_reads(
                 stalled_growth = sampler.growth
                 decoder = zlib.decompressobj(31)
                 raw = bytearray()
-                deadline = time.monotonic() + 60
+                deadline = time.monotonic() + 180
                 while time.monotonic() < deadline:
                     piece = sock.recv(RECV_BUFFER)
                     if not piece:
@@ -199,6 +202,7 @@ def test_a_client_that_stops_reading_stops_the_file_reads(
         path.unlink()
 
 
+@pytest.mark.timeout(300)
 def test_clients_leaving_mid_file_leak_no_descriptors(portico: PorticoProcess) -> None:
     # Warm up so the baseline includes whatever the process opens once (e.g. the listener).
     with RawConnection(portico.port) as conn:
@@ -219,7 +223,7 @@ def test_clients_leaving_mid_file_leak_no_descriptors(portico: PorticoProcess) -
             # a reset, as a killed client would leave
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 240
     wait_until(
         lambda: open_fds(portico.pid) <= baseline,
         timeout=15,
