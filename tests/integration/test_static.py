@@ -150,6 +150,11 @@ def portico(tree: Path, backend: RawBackend) -> Iterator[PorticoProcess]:
                 "static": {"root": root, "cache_control": {"*": "max-age=60"}},
                 "compress": True,
             },
+            {
+                "path": "/isal/",
+                "upstream": "app",
+                "compress": {"encodings": ["gzip"], "gzip_engine": "isal"},
+            },
             {"path": "/", "upstream": "app", "compress": True},
         ],
     }
@@ -465,6 +470,12 @@ def test_proxied_responses_are_compressed(
         assert len(r.body) < len(body) / 5
     else:
         assert r.header("ETag") == '"v1"'
+
+
+def test_isal_gzip_engine(portico: PorticoProcess) -> None:
+    r = get(portico, "/isal/page", Accept_Encoding="gzip, br")
+    assert r.header("Content-Encoding") == "gzip"
+    assert gzip.decompress(r.body).startswith(b"<p>hello from the app")
 
 
 def test_static_files_are_compressed_through_the_stage(portico: PorticoProcess) -> None:

@@ -463,3 +463,34 @@ def test_heads_never_compressed_still_say_they_vary() -> None:
     image = [(b"Content-Type", b"image/png")]
     stage().on_response(request(b"gzip"), 206, image)
     assert b"vary" not in names(image)
+
+
+def test_isal_gzip_engine_flushes_each_chunk_and_decodes_as_gzip() -> None:
+    import zlib
+
+    f = encoder("gzip", 2, "isal")
+    d = zlib.decompressobj(31)
+    for i in range(5):
+        event = b"data: %d\n\n" % i
+        assert d.decompress(f.feed(event)) == event
+    d.decompress(f.end())
+    assert d.eof
+    # and it is ISA-L at work, not zlib under another name
+    body = b'{"id": 1, "name": "user"}, ' * 2000
+    isal_out = encoder("gzip", 2, "isal").feed(body)
+    zlib_out = encoder("gzip", 2, "zlib").feed(body)
+    assert isal_out != zlib_out
+    assert zlib.decompressobj(31).decompress(isal_out) == body
+
+
+@pytest.mark.parametrize(
+    ("route", "reason"),
+    [
+        ('compress = { gzip_engine = "isal", levels = { gzip = 6 } }', "isal's levels are 0-3"),
+        ("compress = { levels = { gzip = 0 } }", "zlib's levels are 1-9"),
+        ('compress = { gzip_engine = "pigz" }', "gzip_engine"),
+    ],
+)
+def test_gzip_engine_config(route: str, reason: str) -> None:
+    message = error_of(config('upstream = "app"\n' + route))
+    assert "routes[0].compress" in message and reason in message, message

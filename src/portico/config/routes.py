@@ -328,7 +328,7 @@ class Static(Strict):
 
 
 class CompressLevels(Strict):
-    gzip: int = Field(6, ge=1, le=9)
+    gzip: int = Field(6, ge=0, le=9, description="zlib 1-9; isal 0-3 (default 2 with isal)")
     br: int = Field(4, ge=0, le=11)
     zstd: int = Field(3, ge=1, le=19)
 
@@ -347,6 +347,9 @@ class Compress(Strict):
     )
     types: list[str] | None = Field(
         None, description="media types compressed (globs: text/*); unset = text-like types"
+    )
+    gzip_engine: Literal["zlib", "isal"] = Field(
+        "zlib", description="isal: ISA-L (pip install isal), much faster gzip; levels 0-3"
     )
 
     @field_validator("encodings")
@@ -372,6 +375,21 @@ class Compress(Strict):
             if "/" not in t or any(c in t for c in " ;,\r\n"):
                 raise ValueError(f"{t!r} is not a media type (type/subtype, globs allowed)")
         return v
+
+    @model_validator(mode="after")
+    def _engine(self) -> Compress:
+        if self.gzip_engine == "isal":
+            import importlib.util
+
+            if importlib.util.find_spec("isal") is None:
+                raise ValueError(
+                    "gzip_engine: the isal package is not installed (pip install isal)"
+                )
+            if "gzip" in self.levels.model_fields_set and self.levels.gzip > 3:
+                raise ValueError(f"levels.gzip: isal's levels are 0-3, got {self.levels.gzip}")
+        elif self.levels.gzip < 1:
+            raise ValueError(f"levels.gzip: zlib's levels are 1-9, got {self.levels.gzip}")
+        return self
 
 
 class Route(Strict):

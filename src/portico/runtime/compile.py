@@ -205,7 +205,12 @@ def _compress(route: Route) -> Compress:
     c = route.compress
     assert c is not None
     codings = c.encodings or [k for k in ("zstd", "br", "gzip") if available(k)]
-    return Compress(codings, c.levels.model_dump(), int(c.min_size), c.types or DEFAULT_TYPES)
+    levels = c.levels.model_dump()
+    if c.gzip_engine == "isal" and "gzip" not in c.levels.model_fields_set:
+        levels["gzip"] = 2  # isal's levels are 0-3; 2 is its fast default
+    return Compress(
+        codings, levels, int(c.min_size), c.types or DEFAULT_TYPES, c.gzip_engine
+    )
 
 
 def compile_routes(config: Config, services: Mapping[str, Service]) -> Router:
