@@ -17,6 +17,14 @@ ROUTED_PREFIX = "/svc"
 SMALL_SIZE = 100
 LARGE_SIZE = 1024 * 1024
 
+# Static cases (--static): files served by each server itself, and a JSON body from the
+# backend compressed by each proxy with gzip at the same level.
+STATIC_SMALL_PATH = "/static/small.txt"
+STATIC_LARGE_PATH = "/static/large.bin"
+JSON_PATH = "/data.json"
+JSON_SIZE = 100 * 1024
+GZIP_LEVEL = 6  # zlib's default; Portico's default for gzip, set explicitly on both sides
+
 # `return 200 "..."` serves the small body straight from the config: no file I/O, so the
 # backend stays as cheap as nginx can make it. Plain ASCII so no escaping is needed.
 SMALL_BODY = "x" * SMALL_SIZE
@@ -68,6 +76,7 @@ http {{
         location = {SMALL_PATH} {{ return 200 "{SMALL_BODY}"; }}
         location = {LARGE_PATH} {{ root {www_dir(prefix)}; }}
         location ^~ {ROUTED_PREFIX} {{ return 200 "{SMALL_BODY}"; }}
+        location = {JSON_PATH} {{ root {www_dir(prefix)}; default_type application/json; }}
         location / {{ return 404; }}
     }}
 }}
@@ -95,6 +104,76 @@ http {{
     }}
 }}
 """
+
+
+def static_conf(prefix: Path, port: int, backend_port: int) -> str:
+    """The reference for --static: nginx serving files (sendfile, as its tutorials set it up)
+    and proxying the JSON body with gzip on at the same level as Portico."""
+    return f"""\
+{_common(prefix)}
+http {{
+{_http_common(prefix)}
+    sendfile on;
+    tcp_nopush on;
+    types {{ text/plain txt; application/octet-stream bin; application/json json; }}
+    upstream backend {{
+        server 127.0.0.1:{backend_port};
+        keepalive {UPSTREAM_KEEPALIVE};
+        keepalive_requests {KEEPALIVE_REQUESTS};
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location /static/ {{ root {www_dir(prefix)}; etag on; }}
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            gzip on;
+            gzip_comp_level {GZIP_LEVEL};
+            gzip_types application/json;
+            gzip_proxied any;
+            gzip_vary on;
+        }}
+    }}
+}}
+"""
+
+
+def write_static_files(www: Path) -> None:
+    """The files both static servers serve, and the JSON body the backend serves."""
+    (www / "static").mkdir(parents=True, exist_ok=True)
+    (www / "static").chmod(0o755)
+    for name, data in (
+        (STATIC_SMALL_PATH, b"s" * SMALL_SIZE),
+        (STATIC_LARGE_PATH, b"l" * LARGE_SIZE),
+        (JSON_PATH, json_body()),
+    ):
+        path = www / name.lstrip("/")
+        path.write_bytes(data)
+        path.chmod(0o644)
+
+
+def json_body() -> bytes:
+    """100 KiB of API-like JSON: records with repeating keys and varied values."""
+    import json
+
+    records = []
+    i = 0
+    while True:
+        records.append(
+            {
+                "id": i,
+                "name": f"user-{i * 7919 % 100003}",
+                "email": f"user{i * 7919 % 100003}@example.com",
+                "active": i % 3 != 0,
+                "score": round((i * 2654435761 % 1000003) / 1000.0, 3),
+                "tags": ["alpha", "beta", "gamma"][: i % 3 + 1],
+            }
+        )
+        data = json.dumps(records, separators=(",", ":")).encode()
+        if len(data) >= JSON_SIZE:
+            return data[: JSON_SIZE - 1].rsplit(b",{", 1)[0] + b"]"
+        i += 1
 
 
 def www_dir(prefix: Path) -> Path:

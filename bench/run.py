@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="also write a Markdown snippet here")
     p.add_argument("--skip-portico", action="store_true", help="measure direct and nginx only")
     p.add_argument(
+        "--static",
+        action="store_true",
+        help="also measure static files (100 B, 1 MiB) and a 100 KiB JSON body compressed "
+        "with gzip, nginx and Portico each serving them",
+    )
+    p.add_argument(
         "--health-checks",
         action="store_true",
         help=f"run Portico with active health checks (GET {HEALTH_PATH} every "
@@ -162,6 +168,51 @@ timeout = 1.0
     return text
 
 
+def portico_static_config(port: int, root: Path, backend_port: int) -> str:
+    """TOML for the --static cases: files from `root`, the rest proxied with gzip only, at
+    the level nginx uses, so the two compress the same way."""
+    return f"""\
+[server]
+listen = ["127.0.0.1:{port}"]
+
+[upstreams.bench]
+backends = ["http://127.0.0.1:{backend_port}"]
+
+[[routes]]
+path = "/static/"
+static = {{ root = "{root}" }}
+
+[[routes]]
+path = "/"
+upstream = "bench"
+compress = {{ encodings = ["gzip"], levels = {{ gzip = {nginx.GZIP_LEVEL} }} }}
+"""
+
+
+STATIC_BODIES = {
+    "static-small": (nginx.STATIC_SMALL_PATH, ()),
+    "static-large": (nginx.STATIC_LARGE_PATH, ()),
+    "json-gzip": (nginx.JSON_PATH, ("Accept-Encoding: gzip",)),
+}
+
+
+def compressed_size(port: int, path: str) -> tuple[int, int]:
+    """(bytes on the wire, decoded bytes) of one gzip response; checks that it decodes."""
+    import gzip
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Accept-Encoding": "gzip"})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200 or resp.getheader("Content-Encoding") != "gzip":
+            raise RuntimeError(f"{path} on :{port} was not gzip: {resp.status} {resp.headers}")
+        return len(body), len(gzip.decompress(body))
+    finally:
+        conn.close()
+
+
 def portico_serve_command(config_path: Path) -> list[str]:
     return [sys.executable, "-m", "portico", "serve", "-c", str(config_path)]
 
@@ -216,6 +267,8 @@ def measure(
         backend_prefix, nginx.backend_conf(backend_prefix, backend_port)
     )
     nginx.write_large_file(backend_prefix)
+    if args.static:
+        nginx.write_static_files(nginx.www_dir(backend_prefix))
     up(start_nginx("backend", backend_prefix, conf_path, LOAD_CPU), backend_port)
 
     proxy_port = procs.free_port()
@@ -259,16 +312,52 @@ def measure(
         portico = up(procs.start("portico", argv, tmp / "portico.log"), port)
         targets[report.PORTICO] = port
 
+    static_targets: dict[str, int] = {}
+    if args.static:
+        static_expect = {
+            nginx.STATIC_SMALL_PATH: nginx.SMALL_SIZE,
+            nginx.STATIC_LARGE_PATH: nginx.LARGE_SIZE,
+            nginx.JSON_PATH: len(nginx.json_body()),
+        }
+        static_port = procs.free_port()
+        static_prefix = tmp / "nginx-static"
+        conf_path = nginx.write_instance(
+            static_prefix, nginx.static_conf(static_prefix, static_port, backend_port)
+        )
+        nginx.write_static_files(nginx.www_dir(static_prefix))
+        up(start_nginx("nginx-static", static_prefix, conf_path, PROXY_CPU), static_port,
+           static_expect)
+        static_targets[report.NGINX] = static_port
+        if not args.skip_portico:
+            port = procs.free_port()
+            www = tmp / "portico-static"
+            www.mkdir()
+            nginx.write_static_files(www)
+            config_path = tmp / "portico-static.toml"
+            config_path.write_text(portico_static_config(port, www, backend_port))
+            argv = procs.pinned(PROXY_CPU, portico_serve_command(config_path))
+            up(procs.start("portico-static", argv, tmp / "portico-static.log"), port, static_expect)
+            static_targets[report.PORTICO] = port
+        progress(f"static servers ready: {static_targets}")
+
     results: dict[tuple[str, str], wrk.WrkResult] = {}
-    for body, path in BODY_PATHS.items():
-        for target, port in targets.items():
+    runs = [(body, path, (), targets) for body, path in BODY_PATHS.items()]
+    runs += [(body, path, hdrs, static_targets) for body, (path, hdrs) in STATIC_BODIES.items()
+             if static_targets]
+    for body, path, headers, where in runs:
+        for target, port in where.items():
             url = f"http://127.0.0.1:{port}{path}"
-            load = {"connections": args.connections, "threads": args.threads, "cpu": LOAD_CPU}
+            load = {
+                "connections": args.connections, "threads": args.threads, "cpu": LOAD_CPU,
+                "headers": headers,
+            }
             if args.warmup:
                 progress(f"{target:8} {body}: warm-up {args.warmup}s")
-                wrk.run(url, duration_s=args.warmup, **load)
+                wrk.run(url, duration_s=args.warmup, **load)  # type: ignore[arg-type]
             progress(f"{target:8} {body}: measuring {args.duration}s")
-            results[target, body] = result = wrk.run(url, duration_s=args.duration, **load)
+            results[target, body] = result = wrk.run(
+                url, duration_s=args.duration, **load  # type: ignore[arg-type]
+            )
             for service in services:
                 service.check_alive()
             progress(
@@ -289,7 +378,10 @@ def measure(
     for service in services:
         if route_rounds and service.name in route_rounds[0]:
             rss[service.name] = procs.rss_bytes(service.pid)
-    return report.Measurements(results, rss, route_rounds)
+    sizes = {
+        target: compressed_size(port, nginx.JSON_PATH) for target, port in static_targets.items()
+    }
+    return report.Measurements(results, rss, route_rounds, sizes)
 
 
 def measure_routes(

@@ -58,9 +58,16 @@ def parse(text: str) -> WrkResult:
 
 
 def _argv(
-    url: str, duration_s: int, connections: int, threads: int, cpu: int, host: str | None
+    url: str,
+    duration_s: int,
+    connections: int,
+    threads: int,
+    cpu: int,
+    host: str | None,
+    headers: tuple[str, ...] = (),
 ) -> list[str]:
     extra = ["-H", f"Host: {host}"] if host else []
+    extra += [arg for header in headers for arg in ("-H", header)]
     return pinned(
         cpu,
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency", *extra, url],
@@ -75,9 +82,11 @@ def run(
     threads: int,
     cpu: int,
     host: str | None = None,
+    headers: tuple[str, ...] = (),
 ) -> WrkResult:
-    """One wrk run; `host` replaces the Host header wrk derives from the URL."""
-    argv = _argv(url, duration_s, connections, threads, cpu, host)
+    """One wrk run; `host` replaces the Host header wrk derives from the URL; `headers`
+    ("Name: value") are sent with every request."""
+    argv = _argv(url, duration_s, connections, threads, cpu, host, headers)
     # On timeout or Ctrl-C, subprocess.run kills wrk (by its PID) before re-raising.
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=duration_s + WRK_GRACE_S, check=False

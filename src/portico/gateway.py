@@ -42,10 +42,11 @@ from portico.dataplane.listener import bind_socket, listen_queue_warning
 from portico.dataplane.local import LocalExchange
 from portico.dataplane.proxy import ProxyExchange
 from portico.dataplane.sharedmem import SharedTables, traffic_stores
+from portico.dataplane.static import static_handler
 from portico.errors import ConfigError, StartupError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
-from portico.runtime.routes import KIND_PROXY
+from portico.runtime.routes import KIND_PROXY, KIND_STATIC
 from portico.runtime.snapshot import Snapshot, compile_config
 from portico.runtime.traffic import connection_limits
 
@@ -172,7 +173,10 @@ class Serving:
         self.loop = asyncio.get_running_loop()
         snapshot = compile_config(config, traffic=traffic_stores(config, shared))
         settings = ClientSettings.from_config(config.server.limits, config.server.timeouts)
-        handlers: dict[str, HandlerFactory] = {KIND_PROXY: ProxyExchange}
+        handlers: dict[str, HandlerFactory] = {
+            KIND_PROXY: ProxyExchange,
+            KIND_STATIC: static_handler,
+        }
         self.ctx = ProxyContext(
             self.loop,
             snapshot,

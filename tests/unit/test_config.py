@@ -367,7 +367,7 @@ def test_route_fields() -> None:
     assert problems_of(text) == [("routes[0].path", "must start with '/'")]
     text = with_app('[[routes]]\npath = "/api"')
     assert problems_of(text) == [
-        ("routes[0]", "give exactly one of upstream, split, redirect or respond")
+        ("routes[0]", "give exactly one of upstream, split, redirect, respond or static")
     ]
 
 

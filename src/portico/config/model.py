@@ -356,6 +356,8 @@ class Config(Strict):
             ]
             if route.mirror is not None:
                 keys.append("mirror.upstream")
+            if route.static is not None and route.static.fallback_upstream:
+                keys.append("static.fallback_upstream")
             for key, name in zip(keys, route.upstream_names(), strict=True):
                 if self.upstreams and name not in self.upstreams:
                     known = ", ".join(sorted(self.upstreams))

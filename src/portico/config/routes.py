@@ -230,6 +230,177 @@ class RouteRetry(Strict):
         return v
 
 
+Coding = Literal["zstd", "br", "gzip"]
+
+
+class Static(Strict):
+    """Files from a directory (``static = { root = "/srv/www" }``): see docs/static-files.md."""
+
+    root: str | None = Field(
+        None, description="directory the request path (after strip_prefix/rewrite) is found in"
+    )
+    alias: str | None = Field(
+        None, description="directory the route's path prefix stands for (nginx alias)"
+    )
+    index: list[str] = Field(
+        default_factory=lambda: ["index.html"], description="files tried for a directory"
+    )
+    fallback: str | None = Field(
+        None, description="file under the directory sent when nothing matches (single-page apps)"
+    )
+    fallback_upstream: str | None = Field(
+        None, description="upstream a request goes to when no file matches (try_files @app)"
+    )
+    listing: bool = Field(False, description="list a directory that has no index file")
+    hidden: bool = Field(False, description="serve names starting with '.' (404 by default)")
+    symlinks_outside: bool = Field(
+        False, description="follow symlinks that lead out of the directory (404 by default)"
+    )
+    precompressed: bool | list[Coding] = Field(
+        False, description="send file.br / file.zst / file.gz when the client accepts them"
+    )
+    cache_control: dict[str, str] = Field(
+        default_factory=dict, description="glob of the path -> Cache-Control value, first wins"
+    )
+    charset: str = Field("utf-8", description="charset named on text types; '' for none")
+    types: dict[str, str] = Field(
+        default_factory=dict, description="file extension ('.ext') -> Content-Type"
+    )
+
+    @field_validator("root", "alias")
+    @classmethod
+    def _directory(cls, v: str | None) -> str | None:
+        import os
+
+        if v is not None:
+            if not os.path.isabs(v):
+                raise ValueError(f"{v!r}: must be an absolute path")
+            if not os.path.exists(v):
+                raise ValueError(f"{v!r} does not exist")
+            if not os.path.isdir(v):
+                raise ValueError(f"{v!r} is not a directory")
+        return v
+
+    @field_validator("index")
+    @classmethod
+    def _index_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+                raise ValueError(f"{name!r}: an index is a file name, without '/'")
+        return v
+
+    @field_validator("fallback")
+    @classmethod
+    def _fallback(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or ".." in v.split("/") or "\0" in v):
+            raise ValueError(f"{v!r}: a path under the directory, starting with '/'")
+        return v
+
+    @field_validator("cache_control")
+    @classmethod
+    def _cache_values(cls, v: dict[str, str]) -> dict[str, str]:
+        for value in v.values():
+            _check_value_bytes(value)
+        return v
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v: dict[str, str]) -> dict[str, str]:
+        for ext, ctype in v.items():
+            if not ext.startswith(".") or "/" in ext:
+                raise ValueError(f"{ext!r}: an extension starting with '.'")
+            _check_value_bytes(ctype)
+        return v
+
+    @field_validator("charset")
+    @classmethod
+    def _charset(cls, v: str) -> str:
+        if v and not _TOKEN.match(v):
+            raise ValueError(f"{v!r} is not a charset name")
+        return v
+
+    @model_validator(mode="after")
+    def _one_directory(self) -> Static:
+        if (self.root is None) == (self.alias is None):
+            raise ValueError("give one of root or alias")
+        return self
+
+    def directory(self) -> str:
+        d = self.root if self.root is not None else self.alias
+        assert d is not None
+        return d
+
+    def codings(self) -> list[str]:
+        if self.precompressed is True:
+            return ["br", "zstd", "gzip"]
+        return list(self.precompressed) if self.precompressed else []
+
+
+class CompressLevels(Strict):
+    gzip: int = Field(6, ge=0, le=9, description="zlib 1-9; isal 0-3 (default 2 with isal)")
+    br: int = Field(4, ge=0, le=11)
+    zstd: int = Field(3, ge=1, le=19)
+
+
+class Compress(Strict):
+    """Response compression (``compress = true`` or a table): see docs/static-files.md."""
+
+    encodings: list[Coding] | None = Field(
+        None, description="codings offered, server preference first; unset = zstd, br, gzip "
+        "(those installed)"
+    )
+    levels: CompressLevels = Field(default_factory=CompressLevels)
+    min_size: Size = Field(
+        512,  # type: ignore[assignment]
+        description="responses with a smaller Content-Length are sent as they are",
+    )
+    types: list[str] | None = Field(
+        None, description="media types compressed (globs: text/*); unset = text-like types"
+    )
+    gzip_engine: Literal["zlib", "isal"] = Field(
+        "zlib", description="isal: ISA-L (pip install isal), much faster gzip; levels 0-3"
+    )
+
+    @field_validator("encodings")
+    @classmethod
+    def _installed(cls, v: list[str] | None) -> list[str] | None:
+        import importlib.util
+
+        modules = {"br": "brotli", "zstd": "zstandard", "gzip": "zlib"}
+        for coding in v or ():
+            if importlib.util.find_spec(modules[coding]) is None:
+                raise ValueError(
+                    f"{coding}: the {modules[coding]} package is not installed "
+                    "(pip install 'portico[compress]')"
+                )
+        if v is not None and not v:
+            raise ValueError("name at least one coding (or set compress = false)")
+        return v
+
+    @field_validator("types")
+    @classmethod
+    def _media(cls, v: list[str] | None) -> list[str] | None:
+        for t in v or ():
+            if "/" not in t or any(c in t for c in " ;,\r\n"):
+                raise ValueError(f"{t!r} is not a media type (type/subtype, globs allowed)")
+        return v
+
+    @model_validator(mode="after")
+    def _engine(self) -> Compress:
+        if self.gzip_engine == "isal":
+            import importlib.util
+
+            if importlib.util.find_spec("isal") is None:
+                raise ValueError(
+                    "gzip_engine: the isal package is not installed (pip install isal)"
+                )
+            if "gzip" in self.levels.model_fields_set and self.levels.gzip > 3:
+                raise ValueError(f"levels.gzip: isal's levels are 0-3, got {self.levels.gzip}")
+        elif self.levels.gzip < 1:
+            raise ValueError(f"levels.gzip: zlib's levels are 1-9, got {self.levels.gzip}")
+        return self
+
+
 class Route(Strict):
     name: str | None = Field(None, description="shown in logs and {route}; default routes[i]")
     priority: int = Field(0, description="higher wins before specificity is considered")
@@ -256,8 +427,12 @@ class Route(Strict):
     split: list[SplitTarget] | None = None
     redirect: Redirect | Literal["https"] | None = None
     respond: Respond | None = None
+    static: Static | None = None
     # --- stages and proxy settings ---
     split_sticky: bool = Field(False, description="a client keeps its share of a split")
+    compress: Compress | None = Field(
+        None, description="compress responses the client accepts compressed; true = defaults"
+    )
     mirror: Mirror | None = None
     strip_prefix: str | None = None
     add_prefix: str | None = None
@@ -287,6 +462,11 @@ class Route(Strict):
         default_factory=lambda: ["websocket"],
         description="Upgrade protocols tunnelled; others are stripped from the request",
     )
+
+    @field_validator("compress", mode="before")
+    @classmethod
+    def _compress_flag(cls, v: object) -> object:
+        return {} if v is True else None if v is False else v
 
     @field_validator("host")
     @classmethod
@@ -361,10 +541,12 @@ class Route(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Route:
-        handlers = [k for k in ("upstream", "split", "redirect", "respond") if getattr(self, k)]
+        handlers = [
+            k for k in ("upstream", "split", "redirect", "respond", "static") if getattr(self, k)
+        ]
         if len(handlers) != 1:
             raise ValueError(
-                "give exactly one of upstream, split, redirect or respond"
+                "give exactly one of upstream, split, redirect, respond or static"
                 + (f", not {' and '.join(handlers)}" if handlers else "")
             )
         paths = [k for k in ("path", "path_exact", "path_regex") if getattr(self, k) is not None]
@@ -379,6 +561,11 @@ class Route(Strict):
                 raise ValueError("split: needs at least one upstream")
             if sum(t.weight for t in self.split) <= 0:
                 raise ValueError("split: the weights sum to 0")
+        if self.static is not None and self.static.alias is not None:
+            if self.path is None:
+                raise ValueError("static.alias: needs a path prefix (path = \"/prefix/\")")
+            if self.strip_prefix is not None:
+                raise ValueError("static.alias: replaces the path prefix; drop strip_prefix")
         caps = self.captures()
         if self.rewrite is not None:
             try:
@@ -443,6 +630,8 @@ class Route(Strict):
         names += [t.upstream for t in self.split or ()]
         if self.mirror is not None:
             names.append(self.mirror.upstream)
+        if self.static is not None and self.static.fallback_upstream:
+            names.append(self.static.fallback_upstream)
         return names
 
     def rewrite_captures(self) -> frozenset[str]:
@@ -471,6 +660,7 @@ __all__ = [
     "RequestId",
     "Respond",
     "Route",
+    "Static",
 ]
 
 
@@ -502,6 +692,8 @@ def describe(route: Route) -> str:
     elif route.redirect is not None:
         r = route.redirect
         action = "redirect https" if r == "https" else f"redirect {r.status} {r.to}"
+    elif route.static is not None:
+        action = f"static {route.static.directory()}"
     else:
         assert route.respond is not None
         action = f"respond {route.respond.status}"

@@ -23,6 +23,8 @@ from portico.codec.events import RequestHead
 from portico.runtime.request import RequestState
 
 if TYPE_CHECKING:
+    import asyncio
+
     from portico.dataplane.context import ProxyContext
     from portico.dataplane.forwarding import ClientInfo
     from portico.dataplane.timers import Deadline
@@ -38,6 +40,8 @@ class ClientSide(Protocol):
     client: ClientInfo
     up_timer: Deadline  # one re-armable timer per connection, for the handler's waits
     tunnel: bool
+    # For handlers that write around the transport (sendfile): its socket and buffer size.
+    transport: asyncio.Transport | None
 
     def write(self, data: bytes) -> None: ...
     def cork(self) -> None: ...

@@ -16,11 +16,13 @@ from portico.config.model import Config
 from portico.config.routes import HeaderMatch, Redirect, Route, covers, describe
 from portico.config.routes import RequestId as RequestIdConfig
 from portico.policy.retry import RetryPolicy
+from portico.runtime.compress import DEFAULT_TYPES, Compress, available
 from portico.runtime.request import Template
 from portico.runtime.routes import (
     KIND_PROXY,
     KIND_REDIRECT,
     KIND_RESPOND,
+    KIND_STATIC,
     PATH_EXACT,
     PATH_PREFIX,
     PATH_REGEX,
@@ -43,6 +45,7 @@ from portico.runtime.stages import (
     Stage,
     StickyCookie,
 )
+from portico.runtime.static import StaticSpec
 from portico.runtime.traffic import TrafficStores, traffic_stages
 
 if TYPE_CHECKING:
@@ -94,6 +97,8 @@ def compile_route(
         kind = KIND_PROXY
     elif route.redirect is not None:
         kind = KIND_REDIRECT
+    elif route.static is not None:
+        kind = KIND_STATIC
     else:
         kind = KIND_RESPOND
     cr = CompiledRoute(route_name(route, index), index, kind)
@@ -121,6 +126,10 @@ def compile_route(
     cr.upgrades = frozenset(p.encode() for p in route.upgrades)
     if route.upstream:
         cr.target = _target(route, services[route.upstream], 1)
+    elif route.static is not None:
+        cr.static = StaticSpec(route.static, route.path)
+        if route.static.fallback_upstream:  # the proxy handler takes what no file matches
+            cr.target = _target(route, services[route.static.fallback_upstream], 1)
     elif route.split:
         targets = [_target(route, services[t.upstream], t.weight) for t in route.split]
         cr.split = Split(targets, route.split_sticky)
@@ -196,6 +205,8 @@ def _stages(
     if route.response_headers is not None:
         h = route.response_headers
         stages.append(ResponseHeaders(HeaderEdit(h.set, h.add, h.remove)))
+    if route.compress is not None:
+        stages.append(_compress(route))
     if request_id is not None:
         stages.append(EchoRequestId(request_id.header))
     return stages
@@ -205,6 +216,18 @@ def _fleets(route: Route, services: Mapping[str, Service]) -> list[Service]:
     """The upstreams a route's requests go to (not its mirror): what load shedding watches."""
     names = [route.upstream] if route.upstream else [t.upstream for t in route.split or ()]
     return [services[n] for n in names if n]
+
+
+def _compress(route: Route) -> Compress:
+    c = route.compress
+    assert c is not None
+    codings = c.encodings or [k for k in ("zstd", "br", "gzip") if available(k)]
+    levels = c.levels.model_dump()
+    if c.gzip_engine == "isal" and "gzip" not in c.levels.model_fields_set:
+        levels["gzip"] = 2  # isal's levels are 0-3; 2 is its fast default
+    return Compress(
+        codings, levels, int(c.min_size), c.types or DEFAULT_TYPES, c.gzip_engine
+    )
 
 
 def compile_routes(

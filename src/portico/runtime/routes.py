@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl
 from portico.codec.events import RequestHead
 from portico.runtime.request import RequestState, Template
 from portico.runtime.stages import LocalReply, RequestId, Stage, hooks
+from portico.runtime.static import StaticSpec
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -157,6 +158,7 @@ class MirrorSpec:
 
 
 KIND_PROXY, KIND_REDIRECT, KIND_RESPOND = "proxy", "redirect", "respond"
+KIND_STATIC = "static"
 
 
 class CompiledRoute:
@@ -190,6 +192,7 @@ class CompiledRoute:
         "request_stages",
         "response_stages",
         "split",
+        "static",
         "target",
         "upgrades",
     )
@@ -216,6 +219,7 @@ class CompiledRoute:
         self.redirect_status = 302
         self.reply: LocalReply | None = None
         self.reply_body: Template | None = None  # a respond body that names variables
+        self.static: StaticSpec | None = None  # files, for a static route
         self.max_body: int | None = None
         self.host_header: bytes | None = None  # Host sent upstream, over the upstream's
         self.upgrades: frozenset[bytes] = frozenset((b"websocket",))
