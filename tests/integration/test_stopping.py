@@ -149,3 +149,26 @@ def test_second_signal_kills_instances_that_ignore_sigterm(portico: PorticoFacto
     assert code == 0 and took < PROMPT
     for pid in pids:
         wait_until(lambda pid=pid: process_gone(pid), 5, message=f"instance {pid} gone")
+
+
+def test_a_client_that_leaves_releases_its_cold_start_hold(portico: PorticoFactory) -> None:
+    # Nothing has been sent upstream while a request is held, so a client that half-closes
+    # or resets has given up: the hold ends at once (no answer, the connection closes), and
+    # a later stop finds no held request to answer.
+    never_listens = [sys.executable, "-c", "import time; time.sleep(300)"]
+    proxy = portico(
+        app_config(never_listens, min=0, max=1, ready_timeout=120, cold_start_timeout=120)
+    )
+    with RawConnection(proxy.port, timeout=10) as conn:
+        conn.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        wait_until(lambda: instance_pids(proxy), 15, message="the cold start to begin")
+        conn.shutdown_write()
+        assert conn.closed(timeout=3.0), "the held request outlived its client"
+        assert conn.pending == b""
+    with RawConnection(proxy.port, timeout=10) as gone:
+        gone.send(b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n")
+        time.sleep(0.3)
+    proxy.process.signal(signal.SIGTERM)
+    code, _ = exit_within(proxy, PROMPT + 10)
+    assert code == 0
+    assert "held for a cold start" not in proxy.output(), proxy.output()

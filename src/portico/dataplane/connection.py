@@ -161,7 +161,7 @@ class ClientConnection(asyncio.Protocol):
         # A half-close from the client ends the request stream. Finish what is in flight
         # (the response still goes out) only if the current request is complete.
         ex = self.exchange
-        if ex is not None and ex.request_done and not self._queue:
+        if ex is not None and ex.request_done and not self._queue and not ex.holding:
             ex.client_eof = True
             return True
         self.close()

@@ -88,6 +88,12 @@ class HeldExchange:
         pass  # only the real handler starts a response
 
     @property
+    def holding(self) -> bool:
+        """Still held by a stage (nothing sent anywhere): a client that leaves ends it."""
+        inner = self.inner
+        return inner.holding if inner is not None else not self._gone
+
+    @property
     def client_eof(self) -> bool:
         inner = self.inner
         return inner.client_eof if inner is not None else self._eof

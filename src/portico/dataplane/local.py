@@ -19,6 +19,7 @@ DISCARD_LIMIT = 65536
 
 
 class LocalExchange:
+    holding = False  # answers at once: never waits for capacity
     __slots__ = (
         "client_eof",
         "conn",

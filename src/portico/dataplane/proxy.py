@@ -26,6 +26,7 @@ Failure rules, in one place (``_fail``):
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from portico.codec.events import Data, EndOfMessage, Event, ResponseHead
@@ -138,6 +139,11 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
     @property
     def status(self) -> int:
         return self.req.status
+
+    @property
+    def holding(self) -> bool:
+        """Held for a cold start: nothing has been sent upstream yet."""
+        return self._timer_kind == U_COLD
 
     # --- start ------------------------------------------------------------------------------
 
@@ -598,6 +604,9 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
             return
         self.done = True
         self._drop_mirror()
+        if self._timer_kind == U_COLD and self.service is not None:
+            with contextlib.suppress(ValueError):  # no longer waiting: release the hold
+                self.service.waiters.remove(self._instance_ready)
         self._disarm()
         self._release_retry()
         self._buffer = None

@@ -255,6 +255,7 @@ def static_handler(conn: ClientSide, req: RequestState, route: CompiledRoute) ->
 
 
 class StaticExchange:
+    holding = False  # answers at once: never waits for capacity
     __slots__ = (
         "_budget",
         "_chunked",
