@@ -65,6 +65,11 @@ def begin(conn: ClientSide, head: RequestHead) -> Handler:
         return _local(conn, req, None, error=NoRoute("no route matches"))
     req.route = route
     if not route.request_stages:
+        # The common case, inlined: no stage, no Upgrade to vet, no body limit of its own.
+        if not head.upgrade and route.max_body is None:
+            factory = ctx.handlers.get(route.kind)
+            if factory is not None:
+                return factory(conn, req, route)
         return _handler(conn, req, route)
     return proceed(conn, req, route, 0)
 
