@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import PorticoFactory
 from tests.support.ports import free_port
 from tests.support.processes import ManagedProcess
@@ -92,28 +94,31 @@ def test_an_instance_not_listening_on_its_port_is_diagnosed_within_its_timeout(
     assert "is not listening on its port" in line
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_crash_looping_app_names_its_cause_and_clients_get_a_reason(
-    portico: PorticoFactory,
+    portico: PorticoFactory, workers: int
 ) -> None:
     crash = "import sys; print('starting', flush=True); raise RuntimeError('database unreachable')"
-    proxy = portico(
-        app_config(
-            [sys.executable, "-c", crash],
-            backoff_initial=0.1,
-            backoff_max=0.5,
-            crash_loop_after=3,
-        )
+    config = app_config(
+        [sys.executable, "-c", crash],
+        backoff_initial=0.1,
+        backoff_max=0.5,
+        crash_loop_after=3,
     )
+    # With workers the master sees the crash loop; the reason reaches every worker's 503s.
+    config.setdefault("server", {})["workers"] = workers
+    proxy = portico(config)
     wait_until(lambda: "is crash-looping" in proxy.output(), 20, message="the crash loop")
     crashes = [x for x in proxy.output().splitlines() if "exited with 1" in x]
     assert "(RuntimeError: database unreachable)" in crashes[0], crashes
     assert "RuntimeError: database unreachable" in next(
         x for x in proxy.output().splitlines() if "is crash-looping" in x
     )
-    with RawConnection(proxy.port) as conn:
-        response = conn.request("GET", "/")
-    assert response.status == 503
-    assert response.header("Portico-Reason") == "default is crash-looping"
+    for _ in range(4):  # fresh connections: with workers, each may land on another one
+        with RawConnection(proxy.port) as conn:
+            response = conn.request("GET", "/")
+        assert response.status == 503
+        assert response.header("Portico-Reason") == "default is crash-looping"
 
 
 DOCUMENTED = """

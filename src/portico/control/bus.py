@@ -67,6 +67,7 @@ class MasterBus:
         self._stats: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
         self._published: dict[str, list[membership.EndpointRow]] = {}
         self._starting: dict[str, int] = {}
+        self._unavailable: dict[str, str | None] = {}
         self.managed: set[str] = set()  # upstreams whose endpoints the master owns
 
     def add(self, key: int, pipe: Connection) -> None:
@@ -77,6 +78,8 @@ class MasterBus:
                 self._send(key, ("endpoints", name, membership.rows(service)))
                 if service.starting:
                     self._send(key, ("starting", name, service.starting))
+                if service.unavailable:
+                    self._send(key, ("unavailable", name, service.unavailable))
             for ep in service.endpoints:
                 if not ep.up:
                     self._send(key, ("health", name, ep.label, False))
@@ -118,6 +121,10 @@ class MasterBus:
                 # Load shedding in the workers holds requests while instances start.
                 self._starting[name] = service.starting
                 self.publish(("starting", name, service.starting))
+            if service.unavailable != self._unavailable.get(name):
+                # Why no instance serves (a crash loop): the workers' 503s say it too.
+                self._unavailable[name] = service.unavailable
+                self.publish(("unavailable", name, service.unavailable))
 
     def _send(self, key: int, message: tuple[Any, ...]) -> None:
         try:
@@ -207,6 +214,10 @@ def follow_master(
                     service = snapshot.services.get(message[1])
                     if service is not None:
                         service.starting = message[2]
+                elif message[0] == "unavailable":
+                    service = snapshot.services.get(message[1])
+                    if service is not None:
+                        service.declare_unavailable(message[2])
         except (EOFError, OSError):
             # The master is gone; PR_SET_PDEATHSIG stops this worker shortly.
             with contextlib.suppress(Exception):

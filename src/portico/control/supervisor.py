@@ -271,7 +271,7 @@ class Supervisor:
         if self.crashes_in_a_row >= self.spec.crash_loop_after:
             backoff = self.spec.backoff_max
             # Clients told why they get 503 (a short header, control.appcheck names causes).
-            self.service_of().unavailable = f"{self.name} is crash-looping"
+            self.service_of().declare_unavailable(f"{self.name} is crash-looping")
             if not self.crash_loop:
                 self.crash_loop = True
                 message = (

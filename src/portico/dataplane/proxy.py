@@ -182,7 +182,12 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
                 key = hash_key(service.hash_key, head, req.target, req.client_ip)
             endpoint = service.balancer.pick(candidates, key)
         if endpoint is None:
-            if service.demand is not None and last_error is None and not self._tried:
+            if (
+                service.demand is not None
+                and last_error is None
+                and not self._tried
+                and service.unavailable is None  # crash-looping: no instance is coming
+            ):
                 self._hold_for_instance(service)
                 return
             why = f"no available endpoint in {service.name}"

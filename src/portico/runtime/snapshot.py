@@ -83,6 +83,15 @@ class Service:
     ) -> Endpoint | None:
         return self.balancer.pick(self.candidates(now, exclude), key)
 
+    def declare_unavailable(self, why: str | None) -> None:
+        """Say why no instance serves (None: one does again). Requests held for an instance
+        are woken when one is declared: none is coming, they get 503 with the reason now."""
+        self.unavailable = why
+        if why is not None and self.waiters:
+            waiters, self.waiters = self.waiters, []
+            for wake in waiters:
+                wake()
+
     def active_requests(self) -> int:
         return sum(ep.in_flight for ep in self.endpoints)
 
