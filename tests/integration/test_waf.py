@@ -5,17 +5,23 @@ it). Skipped, with the reason, when the binding or the rule set is missing
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
+import signal
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.test_cli import portico_cmd
 from tests.support.backends import RawBackend, echo_http
 from tests.support.fleet import request
 from tests.support.proxy import PorticoProcess
 from tests.support.rawhttp import RawConnection
+from tests.support.tomlwriter import dumps
 from tests.support.waiting import wait_until
 
 CRS = "/usr/share/modsecurity-crs/rules"
@@ -225,3 +231,62 @@ def test_threshold_decides_between_log_and_block(portico: Any, backend: RawBacke
     resp = get(lax.port, SQLI)
     assert resp.status == 200
     wait_until(lambda: logged(lax, r"waf matched below threshold: GET .*rules=[\d,]*942100"), 5)
+
+
+# --- bad input: refused with the key path, by `portico check` and by a reload ----------------
+
+
+def check(tmp_path: Path, waf: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "portico.toml"
+    path.write_text(
+        dumps(
+            {
+                "upstreams": {"app": {"backends": ["http://127.0.0.1:5001"]}},
+                "routes": [{"path": "/", "upstream": "app", "waf": waf}],
+            }
+        )
+    )
+    return portico_cmd("check", path)
+
+
+def test_check_accepts_the_acceptance_example(tmp_path: Path) -> None:
+    path = tmp_path / "portico.toml"
+    path.write_text(
+        '[upstreams.app]\nbackends = ["http://127.0.0.1:5001"]\n\n'
+        '[[routes]]\npath = "/"\nupstream = "app"\nwaf = { enabled = true }\n'
+    )
+    done = portico_cmd("check", path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_check_refuses_unreadable_rule_files(tmp_path: Path) -> None:
+    done = check(tmp_path, {"rules": [str(tmp_path / "missing.conf")]})
+    assert done.returncode == 1
+    assert "routes[0].waf.rules[0]: cannot read" in done.stdout + done.stderr
+    done = check(tmp_path, {"crs": str(tmp_path / "nowhere")})
+    assert "routes[0].waf.crs:" in done.stdout + done.stderr
+
+
+def test_check_refuses_a_rule_that_does_not_compile(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.conf"
+    bad.write_text('SecRule ARGS "@rx (" "id:10001,phase:2,deny,nosuchaction"\n')
+    done = check(tmp_path, {"rules": [str(bad)]})
+    out = done.stdout + done.stderr
+    assert done.returncode == 1
+    assert "routes[0].waf.rules[0]:" in out and "bad.conf" in out
+    done = check(tmp_path, {"directives": "SecRule ARGS @nosuchop x"})
+    assert done.returncode == 1
+    assert "routes[0].waf.directives:" in done.stdout + done.stderr
+
+
+def test_a_reload_with_a_broken_rule_keeps_the_old_rules(
+    portico: Any, backend: RawBackend, tmp_path: Path
+) -> None:
+    proxy = portico(config(backend, {"enabled": True}))
+    data = copy.deepcopy(proxy.config)
+    data["routes"][0]["waf"] = {"directives": "SecRule ARGS @nosuchop x", "crs": ""}
+    proxy.config_path.write_text(dumps(data))
+    proxy.process.signal(signal.SIGHUP)
+    wait_until(lambda: logged(proxy, r"reload refused"), 10)
+    assert logged(proxy, r"routes\[0\]\.waf\.directives")
+    assert get(proxy.port, SQLI).status == 403  # the CRS still guards the route
