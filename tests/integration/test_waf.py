@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_cli import portico_cmd
-from tests.support.backends import RawBackend, echo_http
+from tests.support.backends import RawBackend, echo_http, read_request
 from tests.support.fleet import request
 from tests.support.proxy import PorticoProcess
 from tests.support.rawhttp import RawConnection
@@ -290,3 +290,34 @@ def test_a_reload_with_a_broken_rule_keeps_the_old_rules(
     wait_until(lambda: logged(proxy, r"reload refused"), 10)
     assert logged(proxy, r"routes\[0\]\.waf\.directives")
     assert get(proxy.port, SQLI).status == 403  # the CRS still guards the route
+
+
+def test_response_inspection_is_off_by_default_and_logs_when_on(
+    portico: Any, raw_backend: Any
+) -> None:
+    # A backend that leaks an SQL error message: the CRS's response rules (951) know it.
+    leak = (
+        b"You have an error in your SQL syntax; check the manual that corresponds to your"
+        b" MySQL server version"
+    )
+
+    async def handler(reader: Any, writer: Any) -> None:
+        while (req := await read_request(reader)) is not None:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(leak), leak)
+            )
+            await writer.drain()
+            if not req.keep_alive:
+                return
+
+    leaky = raw_backend(handler)
+    off = portico(config(leaky, True))
+    on = portico(config(leaky, {"inspect_response": True}))
+    for proxy in (off, on):
+        resp = get(proxy.port, "/report")
+        assert resp.status == 200 and resp.body == leak  # logged only: the body goes out whole
+    rid = get(on.port, "/report").header("X-Request-Id")
+    wait_until(lambda: logged(on, rf"waf response .*\(logged only\): GET /report .*{rid}"), 5)
+    assert logged(on, rf"request_id={rid} rules=[\d,]*951\d\d\d")
+    assert not logged(off, r"waf response")

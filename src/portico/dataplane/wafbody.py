@@ -57,6 +57,26 @@ def report(req: RequestState, check: WafCheck) -> None:
     )
 
 
+def report_response(req: RequestState, check: WafCheck) -> None:
+    """The response phases' matches (``inspect_response``): logged, never blocked, since
+    the response was already on its way."""
+    v = check.response
+    if v is None or not v.rules:
+        return
+    what = "response over the outbound threshold" if v.block else "response matched"
+    head = req.head
+    log.warning(
+        "waf %s (logged only): %s %s route=%s status=%d request_id=%s rules=%s",
+        what,
+        head.method.decode("latin-1"),
+        head.target[:200].decode("latin-1"),
+        req.route.name if req.route is not None else "-",
+        req.status,
+        (req.request_id or b"-").decode("latin-1"),
+        ",".join(str(r) for r in v.rules),
+    )
+
+
 def inspect(
     conn: ClientSide,
     req: RequestState,
@@ -66,6 +86,7 @@ def inspect(
     proceed: Proceed,
 ) -> Handler:
     """What the pipeline calls for a stage's ``WafCheck``; ``after``: the next stage."""
+    check.sink = report_response
     if check.verdict is None:
         return WafBodyExchange(conn, req, route, after, check, proceed)
     report(req, check)

@@ -57,6 +57,7 @@ def engine_directives(cfg: Waf) -> str:
             "SecRequestBodyLimitAction ProcessPartial",
             f"SecResponseBodyAccess {'On' if cfg.inspect_response else 'Off'}",
             "SecResponseBodyLimit 524288",
+            "SecResponseBodyMimeType text/plain text/html text/xml application/json",
             "SecResponseBodyLimitAction ProcessPartial",
             "SecAuditEngine Off",
             "SecArgumentSeparator &",

@@ -93,7 +93,7 @@ def compile_route(
     services: Mapping[str, Service],
     request_id: RequestIdConfig | None,
     traffic: Sequence[Stage] = (),
-    waf: Stage | None = None,
+    waf: Sequence[Stage] = (),
 ) -> CompiledRoute:
     if route.upstream or route.split:
         kind = KIND_PROXY
@@ -174,7 +174,7 @@ def _stages(
     request_id: RequestIdConfig | None,
     services: Mapping[str, Service],
     traffic: Sequence[Stage] = (),
-    waf: Stage | None = None,
+    waf: Sequence[Stage] = (),
 ) -> list[Stage]:
     """The chain in its fixed order: request ID first (so every later stage and every local
     reply can name it), then traffic control (IP rules, rate and concurrency limits: before
@@ -186,8 +186,7 @@ def _stages(
     if rid is not None:
         stages.append(rid)
     stages.extend(traffic)
-    if waf is not None:  # after traffic (and authentication), before any rewrite
-        stages.append(waf)
+    stages.extend(waf)  # after traffic (and authentication), before any rewrite
     if route.strip_prefix or route.add_prefix or route.rewrite:
         rw = route.rewrite
         regex, to = (rw.regex, rw.to) if rw else (None, None)
@@ -261,7 +260,7 @@ def compile_routes(
                 _fleets(r, services),
                 r.shed_priority,
             ),
-            wafs.get(i),
+            wafs.get(i, ()),
         )
         for i, r in enumerate(effective)
     ]

@@ -19,15 +19,15 @@ with a broken rule keeps the old config, and ``portico check`` reports it.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import TYPE_CHECKING
 
 from portico.codec.writer import REASONS
 from portico.config.waf import Waf
 from portico.policy.waf import Source, Verdict, signature, sources, verdict
-from portico.runtime.request import RequestState
-from portico.runtime.stages import Hold, LocalReply, Stage
+from portico.runtime.request import Headers, RequestState
+from portico.runtime.stages import BodyFilter, Hold, LocalReply, Stage
 
 if TYPE_CHECKING:
     from libmodsecurity import ModSecurity, RulesSet, Transaction
@@ -92,7 +92,7 @@ def compile_waf(cfg: Waf, key: str, cache_: dict[tuple[object, ...], RulesSet]) 
     rules = cache_.get(sig)
     if rules is None:
         rules = cache_[sig] = load_rules(sources(cfg, key))
-    return WafStage(rules, cfg.mode == "detect", int(cfg.body_limit))
+    return WafStage(rules, cfg.mode == "detect", int(cfg.body_limit), cfg.inspect_response)
 
 
 def _has_body(req: RequestState) -> bool:
@@ -107,7 +107,7 @@ class WafCheck(Hold):
     finish (a hold until the WAF has decided): ``verdict`` is set when decided; otherwise
     ``feed`` the body then ``decide``."""
 
-    __slots__ = ("detect", "fed", "limit", "tx", "verdict")
+    __slots__ = ("detect", "fed", "limit", "response", "sink", "tx", "verdict")
 
     def __init__(self, tx: Transaction, detect: bool, limit: int) -> None:
         super().__init__()
@@ -116,6 +116,10 @@ class WafCheck(Hold):
         self.limit = limit
         self.fed = 0
         self.verdict: Verdict | None = None
+        # With inspect_response: where the data plane wants the response verdict (it logs),
+        # and the response's own verdict once the response ended.
+        self.sink: Callable[[RequestState, WafCheck], None] | None = None
+        self.response: Verdict | None = None
 
     def feed(self, data: bytes) -> bool:
         """Inspect body bytes up to the limit; True once the limit is reached."""
@@ -165,13 +169,14 @@ def _conclude(tx: Transaction) -> Verdict:
 
 
 class WafStage(Stage):
-    __slots__ = ("detect", "limit", "rules")
+    __slots__ = ("detect", "limit", "respond", "rules")
     on_request_hook = True
 
-    def __init__(self, rules: RulesSet, detect: bool, limit: int) -> None:
+    def __init__(self, rules: RulesSet, detect: bool, limit: int, respond: bool = False) -> None:
         self.rules = rules
         self.detect = detect
         self.limit = limit
+        self.respond = respond  # keep the transaction for WafResponse
 
     def on_request(self, req: RequestState) -> WafCheck | None:
         from libmodsecurity import Transaction
@@ -191,17 +196,85 @@ class WafStage(Stage):
             tx.add_request_header(name.decode("latin-1"), value.decode("latin-1"))
         tx.process_request_headers()
         check = WafCheck(tx, self.detect, self.limit)
+        if self.respond:
+            req.waf = check
         it = tx.intervention()
         if (it is None or not it.disruptive) and _has_body(req):
             return check  # phase 2 waits for the body
         v = check.decide() if it is None or not it.disruptive else _conclude(tx)
         check.verdict = v
-        return check if v.rules else None
+        return check if v.rules or self.respond else None
+
+
+class WafResponse(Stage):
+    """The response phases (``inspect_response``): headers (phase 3), then up to
+    ``SecResponseBodyLimit`` of the body (phase 4). They can only be logged: the response is
+    streamed, its head already on the way. The verdict goes to the check's ``sink`` when the
+    request finishes."""
+
+    __slots__ = ()
+    on_response_hook = True
+    body_hook = True
+
+    def on_response(self, req: RequestState, status: int, headers: Headers) -> None:
+        check = req.waf
+        if type(check) is not WafCheck:
+            return
+        tx = check.tx
+        for name, value in headers:
+            tx.add_response_header(name.decode("latin-1"), value.decode("latin-1"))
+        tx.process_response_headers(status, "HTTP/" + req.head.version.decode("latin-1"))
+        if req.finishers is None:
+            req.finishers = []
+        req.finishers.append(lambda: _end_response(req, check))
+
+    def body_filter(self, req: RequestState, status: int, headers: Headers) -> BodyFilter | None:
+        check = req.waf
+        return _ResponseBody(check.tx) if type(check) is WafCheck else None
+
+
+# The most response body fed to ModSecurity (its own SecResponseBodyLimit default, 512 KiB).
+RESPONSE_BODY_LIMIT = 524288
+
+
+class _ResponseBody(BodyFilter):
+    __slots__ = ("fed", "tx")
+
+    def __init__(self, tx: Transaction) -> None:
+        self.tx = tx
+        self.fed = 0
+
+    def feed(self, data: bytes) -> bytes:
+        room = RESPONSE_BODY_LIMIT - self.fed
+        if room > 0:
+            part = data if len(data) <= room else data[:room]
+            self.tx.append_response_body(part)
+            self.fed += len(part)
+        return data
+
+
+def _end_response(req: RequestState, check: WafCheck) -> None:
+    req.waf = None
+    tx = check.tx
+    before = len(check.verdict.rules) if check.verdict is not None else 0
+    tx.process_response_body()
+    it = tx.intervention()
+    status = it.status if it is not None and it.disruptive else None
+    matched = [m.rule_id for m in tx.get_rule_messages()][before:]
+    check.response = verdict(status, matched)
+    if check.sink is not None and matched:
+        check.sink(req, check)
 
 
 def waf_stages(
     routes: Mapping[int, tuple[Waf, str]],
-) -> dict[int, WafStage]:
-    """Stages for the routes that have an enabled ``waf``: {route index: stage}."""
+) -> dict[int, list[Stage]]:
+    """Stages for the routes that have an enabled ``waf``: {route index: stages}."""
     cache_: dict[tuple[object, ...], RulesSet] = {}
-    return {i: compile_waf(cfg, key, cache_) for i, (cfg, key) in routes.items() if cfg.enabled}
+    out: dict[int, list[Stage]] = {}
+    for i, (cfg, key) in routes.items():
+        if cfg.enabled:
+            out[i] = [compile_waf(cfg, key, cache_)]
+            if cfg.inspect_response:
+                out[i].append(WafResponse())
+    return out
