@@ -321,3 +321,11 @@ def test_response_inspection_is_off_by_default_and_logs_when_on(
     wait_until(lambda: logged(on, rf"waf response .*\(logged only\): GET /report .*{rid}"), 5)
     assert logged(on, rf"request_id={rid} rules=[\d,]*951\d\d\d")
     assert not logged(off, r"waf response")
+
+
+def test_every_worker_compiles_and_applies_the_rules(portico: Any, backend: RawBackend) -> None:
+    proxy = portico(config(backend, True), workers=2)
+    # Each request on a new connection: both workers take some of them.
+    statuses = [get(proxy.port, SQLI).status for _ in range(8)]
+    assert statuses == [403] * 8
+    assert get(proxy.port, "/search?id=42").status == 200
