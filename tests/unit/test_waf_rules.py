@@ -147,3 +147,36 @@ def test_rules_compile_once_per_config_and_routes_without_waf_hold_no_stage() ->
     assert c.rules is not a.rules
     assert routes["routes[3]"].request_stages == ()
     assert routes["routes[4]"].request_stages == ()
+
+
+def test_the_waf_runs_after_traffic_control_and_before_rewrites() -> None:
+    pytest.importorskip("libmodsecurity", reason="pip install 'portico[waf]'")
+    import os
+
+    from portico.config.model import Config
+    from portico.runtime.snapshot import compile_config
+
+    if not os.path.isdir("/usr/share/modsecurity-crs/rules"):
+        pytest.skip("the OWASP CRS is not installed (apt install modsecurity-crs)")
+    config = Config.model_validate(
+        {
+            "request_id": True,
+            "upstreams": {"app": {"backends": ["http://127.0.0.1:5001"]}},
+            "routes": [
+                {
+                    "path": "/api",
+                    "upstream": "app",
+                    "waf": {"inspect_response": True},
+                    "ip_deny": ["10.0.0.0/8"],
+                    "rate_limit": {"rate": 10},
+                    "strip_prefix": "/api",
+                    "request_headers": {"set": {"X-A": "1"}},
+                }
+            ],
+        }
+    )
+    (route,) = compile_config(config).router.routes
+    names = [type(s).__name__ for s in route.request_stages]
+    assert names.index("WafStage") > max(names.index("IpRules"), names.index("LocalRateLimit"))
+    assert names.index("WafStage") < names.index("PathRewrite") < names.index("RequestHeaders")
+    assert "WafResponse" in [type(s).__name__ for s in route.response_stages]
