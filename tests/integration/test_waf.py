@@ -329,3 +329,27 @@ def test_every_worker_compiles_and_applies_the_rules(portico: Any, backend: RawB
     statuses = [get(proxy.port, SQLI).status for _ in range(8)]
     assert statuses == [403] * 8
     assert get(proxy.port, "/search?id=42").status == 200
+
+
+def test_detect_mode_reads_the_body_and_forwards_it_whole(
+    portico: Any, backend: RawBackend
+) -> None:
+    proxy = portico(config(backend, {"mode": "detect"}))
+    body = b"user=admin&pass=1%27+OR+%271%27%3D%271"
+    resp = post(proxy.port, "/login", body)
+    assert resp.status == 200
+    assert resp.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+    rid = resp.header("X-Request-Id")
+    wait_until(lambda: logged(proxy, rf"waf would block \(detect mode\): POST /login .*{rid}"), 5)
+
+
+def test_the_waf_sees_the_client_path_before_a_rewrite(portico: Any, backend: RawBackend) -> None:
+    # The exclusion names the path the client sent; strip_prefix runs after the WAF.
+    waf = {"exclusions": [{"path": "/api/search", "rules": [942100]}]}
+    cfg = config(backend, waf, strip_prefix="/api")
+    cfg["routes"][0]["path"] = "/api"
+    proxy = portico(cfg)
+    resp = get(proxy.port, "/api" + SQLI)
+    assert resp.status == 200
+    assert resp.json()["target"] == SQLI  # the backend got the stripped path
+    assert get(proxy.port, "/api" + SQLI.replace("/search", "/other")).status == 403
