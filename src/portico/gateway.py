@@ -49,6 +49,7 @@ from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import KIND_PROXY, KIND_STATIC
 from portico.runtime.snapshot import Snapshot, compile_config
 from portico.runtime.traffic import connection_limits
+from portico.runtime.waf import WafRulesError
 
 log = logging.getLogger("portico")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
@@ -354,6 +355,8 @@ class Gateway:
             else:
                 self._snapshot = compile_config(config, previous=previous)
                 release_unchecked(self._snapshot)
+        except WafRulesError as exc:  # a rule file the config names does not load
+            return ReloadResult(False, problems=[(exc.key, exc.reason)])
         except Exception as exc:  # a compile bug must not take the gateway down
             log.exception("reload failed to compile")
             return ReloadResult(False, problems=[("config", f"cannot compile: {exc}")])

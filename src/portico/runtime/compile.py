@@ -47,6 +47,7 @@ from portico.runtime.stages import (
 )
 from portico.runtime.static import StaticSpec
 from portico.runtime.traffic import TrafficStores, traffic_stages
+from portico.runtime.waf import waf_stages
 
 if TYPE_CHECKING:
     from portico.runtime.snapshot import Service
@@ -92,6 +93,7 @@ def compile_route(
     services: Mapping[str, Service],
     request_id: RequestIdConfig | None,
     traffic: Sequence[Stage] = (),
+    waf: Sequence[Stage] = (),
 ) -> CompiledRoute:
     if route.upstream or route.split:
         kind = KIND_PROXY
@@ -163,7 +165,7 @@ def compile_route(
             cr.reply_body = tpl
     if request_id is not None:
         cr.request_id_header = request_id.header.encode("latin-1")
-    cr.set_stages(_stages(route, request_id, services, traffic))
+    cr.set_stages(_stages(route, request_id, services, traffic, waf))
     return cr
 
 
@@ -172,6 +174,7 @@ def _stages(
     request_id: RequestIdConfig | None,
     services: Mapping[str, Service],
     traffic: Sequence[Stage] = (),
+    waf: Sequence[Stage] = (),
 ) -> list[Stage]:
     """The chain in its fixed order: request ID first (so every later stage and every local
     reply can name it), then traffic control (IP rules, rate and concurrency limits: before
@@ -183,6 +186,7 @@ def _stages(
     if rid is not None:
         stages.append(rid)
     stages.extend(traffic)
+    stages.extend(waf)  # after traffic (and authentication), before any rewrite
     if route.strip_prefix or route.add_prefix or route.rewrite:
         rw = route.rewrite
         regex, to = (rw.regex, rw.to) if rw else (None, None)
@@ -236,6 +240,11 @@ def compile_routes(
     rid_cfg = config.request_id
     rid = rid_cfg if rid_cfg is not None and rid_cfg.enabled else None
     stores = stores if stores is not None else TrafficStores(config.traffic)
+    effective = config.effective_routes()
+    # Rule sets compile here, once per config (a broken rule raises WafRulesError).
+    wafs = waf_stages(
+        {i: (r.waf, f"routes[{i}].waf") for i, r in enumerate(effective) if r.waf is not None}
+    )
     routes = [
         compile_route(
             r,
@@ -251,8 +260,9 @@ def compile_routes(
                 _fleets(r, services),
                 r.shed_priority,
             ),
+            wafs.get(i, ()),
         )
-        for i, r in enumerate(config.effective_routes())
+        for i, r in enumerate(effective)
     ]
     return Router(routes, RequestId(rid.header) if rid is not None else None)
 
