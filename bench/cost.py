@@ -1,7 +1,8 @@
 """Per-request cost of the data plane, counted rather than timed: instructions, system calls,
 Python function calls and memory allocations per small keep-alive request.
 
-    python bench/cost.py [--requests 2000] [--config plain|pipeline|both] [--what instr,calls,syscalls]
+    python bench/cost.py [--requests 2000] [--config plain|pipeline|both]
+                          [--what instr,calls,syscalls]
 
 Wall-clock benchmarks on a shared 2-core machine move by 5-10% between runs; counts do not.
 For each measure Portico runs twice under the counting tool, once serving N and once 2N
@@ -36,8 +37,9 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import nginx
 import psutil
+
+import nginx
 import procs
 
 NGINX_BIN = "/usr/sbin/nginx"
