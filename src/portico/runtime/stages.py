@@ -13,6 +13,9 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+from mypy_extensions import mypyc_attr
 
 from portico.codec.writer import REASONS, status_line
 from portico.runtime.request import Headers, RequestState, Template
@@ -48,6 +51,8 @@ class LocalReply:
 Resume = Callable[["LocalReply | Hold | None"], None]
 
 
+# Subclassed by stage modules that stay interpreted in the accelerated build (setup.py).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Hold:
     """What ``on_request`` returns to pause a request before the next stage: for ``delay``
     seconds (a rate limit's nginx-style delay), or, with ``start``, until the decision an I/O
@@ -68,6 +73,8 @@ class Hold:
         self.again = again
 
 
+# Subclassed by stage modules that stay interpreted in the accelerated build (setup.py).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BodyFilter:
     """A streaming transform of a response body. ``feed`` and ``end`` return bytes to send."""
 
@@ -80,14 +87,18 @@ class BodyFilter:
         return b""
 
 
+# Subclassed by stage modules that stay interpreted in the accelerated build (setup.py).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Stage:
     """Base of route stages: every hook does nothing unless overridden."""
 
     __slots__ = ()
     #: which hooks a subclass implements, so a route keeps only stages that act
-    on_request_hook = False
-    on_response_hook = False
-    body_hook = False
+    # ClassVar: one value per stage class (and mypyc keeps it a class attribute, so a
+    # subclass's override is seen in the accelerated build too).
+    on_request_hook: ClassVar[bool] = False
+    on_response_hook: ClassVar[bool] = False
+    body_hook: ClassVar[bool] = False
 
     def on_request(self, req: RequestState) -> LocalReply | Hold | None:
         return None
