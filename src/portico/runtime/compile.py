@@ -16,7 +16,9 @@ from portico.config.model import Config
 from portico.config.routes import HeaderMatch, Redirect, Route, covers, describe
 from portico.config.routes import RequestId as RequestIdConfig
 from portico.policy.retry import RetryPolicy
+from portico.runtime.auth import SecurityStores, auth_stages
 from portico.runtime.compress import DEFAULT_TYPES, Compress, available
+from portico.runtime.cors import Cors
 from portico.runtime.request import Template
 from portico.runtime.routes import (
     KIND_PROXY,
@@ -46,7 +48,7 @@ from portico.runtime.stages import (
     StickyCookie,
 )
 from portico.runtime.static import StaticSpec
-from portico.runtime.traffic import TrafficStores, traffic_stages
+from portico.runtime.traffic import IpRules, TrafficStores, traffic_stages
 
 if TYPE_CHECKING:
     from portico.runtime.snapshot import Service
@@ -92,6 +94,7 @@ def compile_route(
     services: Mapping[str, Service],
     request_id: RequestIdConfig | None,
     traffic: Sequence[Stage] = (),
+    security: SecurityStores | None = None,
 ) -> CompiledRoute:
     if route.upstream or route.split:
         kind = KIND_PROXY
@@ -163,7 +166,7 @@ def compile_route(
             cr.reply_body = tpl
     if request_id is not None:
         cr.request_id_header = request_id.header.encode("latin-1")
-    cr.set_stages(_stages(route, request_id, services, traffic))
+    cr.set_stages(_stages(route, request_id, services, traffic, security))
     return cr
 
 
@@ -172,6 +175,7 @@ def _stages(
     request_id: RequestIdConfig | None,
     services: Mapping[str, Service],
     traffic: Sequence[Stage] = (),
+    security: SecurityStores | None = None,
 ) -> list[Stage]:
     """The chain in its fixed order: request ID first (so every later stage and every local
     reply can name it), then traffic control (IP rules, rate and concurrency limits: before
@@ -182,7 +186,13 @@ def _stages(
     rid = RequestId(request_id.header) if request_id is not None else None
     if rid is not None:
         stages.append(rid)
-    stages.extend(traffic)
+    # IP rules, CORS preflight, rate limits, authentication: docs/security.md "Stage order".
+    ip = [s for s in traffic if isinstance(s, IpRules)]
+    stages.extend(ip)
+    if route.cors is not None:
+        stages.append(Cors(route.cors))
+    stages.extend(s for s in traffic if not isinstance(s, IpRules))
+    stages.extend(auth_stages(route.auth, security or SecurityStores()))
     if route.strip_prefix or route.add_prefix or route.rewrite:
         rw = route.rewrite
         regex, to = (rw.regex, rw.to) if rw else (None, None)
@@ -251,6 +261,7 @@ def compile_routes(
                 _fleets(r, services),
                 r.shed_priority,
             ),
+            stores.security,
         )
         for i, r in enumerate(config.effective_routes())
     ]

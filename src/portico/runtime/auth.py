@@ -1,0 +1,472 @@
+"""Authentication stages: basic (htpasswd), JWT and forward auth, built once per config.
+
+Each stage decides from values and answers 401 (or the auth service's answer) with a
+``LocalReply``; what needs I/O (a slow password hash, a JWKS fetch, the forward-auth
+subrequest) returns ``Hold(start=...)`` and the data plane does the work through the two
+small seams below (``Fetcher``, ``Offload``), resuming the request when the answer comes.
+The stores (htpasswd files, JWKS caches, verified credentials) are kept across reloads in
+``SecurityStores``, so a reload does not forget fetched keys or make every user pay a
+bcrypt check again. Without a fetcher or offload (``portico check``), the stages fail
+closed: 503 for what needs I/O, inline checks for passwords.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from portico.config.htpasswd import HtpasswdError, parse_htpasswd
+from portico.config.security import Auth, Basic, Forward, Jwt
+from portico.policy.credentials import VerifiedCache, check_password, dummy_hash, parse_basic
+from portico.policy.tokens import (
+    INVALID_TOKEN,
+    KeySet,
+    TokenError,
+    bearer,
+    claim_header,
+    cookie_value,
+    file_keys,
+    jwks_keys,
+    unverified_header,
+    verify,
+)
+from portico.runtime.request import Headers, RequestState
+from portico.runtime.stages import Hold, LocalReply, Resume, Stage
+
+
+class FetchResult:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+FetchDone = Callable[[FetchResult | None], None]
+
+
+class Fetcher(Protocol):
+    """An HTTP client on the event loop (dataplane/authio.py); None to ``done`` on any
+    failure: refused, reset, timed out, garbage, a body over ``max_body``."""
+
+    def request(
+        self, url: str, method: bytes, headers: Headers, timeout: float, max_body: int,
+        done: FetchDone,
+    ) -> None: ...
+
+
+class Offload(Protocol):
+    """Runs a slow pure function off the event loop; False when too many already wait."""
+
+    def run(self, fn: Callable[[], bool], done: Callable[[bool], None]) -> bool: ...
+
+
+@dataclass
+class SecurityStores:
+    fetcher: Fetcher | None = None
+    offload: Offload | None = None
+    htpasswd: dict[str, HtpasswdFile] = field(default_factory=dict)
+    jwks: dict[tuple[str, float, float, float], JwksSource] = field(default_factory=dict)
+
+
+def _plain(status: int, headers: Headers, body: bytes) -> LocalReply:
+    return LocalReply(status, [*headers, (b"Content-Type", b"text/plain; charset=utf-8")], body)
+
+
+UNAVAILABLE = _plain(503, [(b"Retry-After", b"1")], b"Authentication unavailable\n")
+
+
+def _strip(headers: Headers, names: frozenset[bytes]) -> Headers:
+    return [(n, v) for n, v in headers if n.lower() not in names]
+
+
+def _first(headers: Headers, lname: bytes) -> bytes | None:
+    for n, v in headers:
+        if len(n) == len(lname) and n.lower() == lname:
+            return v
+    return None
+
+
+# --- basic ------------------------------------------------------------------------------
+
+# Seconds between two stat() calls on an htpasswd file: changes show within this, and a
+# busy route costs one stat a second, not one per request.
+HTPASSWD_CHECK = 1.0
+
+
+class HtpasswdFile:
+    """An htpasswd file, re-read when its inode, size or mtime changes. A bad new version
+    is not taken: the old users stay, and ``error`` says why (shown by the gateway's log)."""
+
+    __slots__ = ("cache", "dummy", "error", "next_check", "path", "signature", "users", "version")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.users: dict[bytes, tuple[str, bytes]] = {}
+        self.signature: tuple[int, int, int] | None = None
+        self.version = 0
+        self.next_check = float("-inf")
+        self.error: str | None = None
+        self.cache = VerifiedCache()
+        self.dummy = dummy_hash()
+
+    def current(self, now: float) -> dict[bytes, tuple[str, bytes]]:
+        if now >= self.next_check:
+            self.next_check = now + HTPASSWD_CHECK
+            self._refresh()
+        return self.users
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+            signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if signature == self.signature:
+                return
+            with open(self.path, "rb") as f:
+                users = parse_htpasswd(f.read())
+        except (OSError, HtpasswdError) as e:
+            self.error = f"{self.path}: {e} (the previous users stay)"
+            return
+        self.signature = signature
+        self.users = users
+        self.version += 1
+        self.error = None
+
+
+class BasicAuth(Stage):
+    __slots__ = ("challenge", "file", "offload", "user_header", "user_lname")
+    on_request_hook = True
+
+    def __init__(self, config: Basic, file: HtpasswdFile, offload: Offload | None) -> None:
+        self.file = file
+        self.offload = offload
+        realm = config.realm.encode("latin-1", "replace")
+        self.challenge = _plain(
+            401,
+            [(b"WWW-Authenticate", b'Basic realm="' + realm + b'", charset="UTF-8"')],
+            b"Unauthorized\n",
+        )
+        self.user_header = config.user_header.encode() if config.user_header else None
+        self.user_lname = self.user_header.lower() if self.user_header else b""
+
+    def _accept(self, req: RequestState, user: bytes) -> None:
+        if self.user_header is not None:
+            head = req.head
+            head.headers = [(n, v) for n, v in head.headers if n.lower() != self.user_lname]
+            head.headers.append((self.user_header, user))
+
+    def on_request(self, req: RequestState) -> LocalReply | Hold | None:
+        if self.user_header is not None:
+            # Whatever happens next, a client's own copy never goes up.
+            lname = self.user_lname
+            req.head.headers = [(n, v) for n, v in req.head.headers if n.lower() != lname]
+        value = _first(req.head.headers, b"authorization")
+        creds = parse_basic(value) if value is not None else None
+        if creds is None:
+            return self.challenge
+        user, password = creds
+        file = self.file
+        now = req.now
+        users = file.current(now)
+        cache = file.cache
+        digest = cache.digest(user, password)
+        version = file.version
+        if cache.hit(digest, version, now):
+            self._accept(req, user)
+            return None
+        kind, hashed = users.get(user) or file.dummy
+        known = user in users
+
+        def check() -> bool:
+            return check_password(kind, hashed, password) and known
+
+        offload = self.offload
+        if offload is None:
+            ok = check()
+            if ok:
+                cache.remember(digest, version, now)
+                self._accept(req, user)
+            return None if ok else self.challenge
+
+        def start(resume: Resume) -> None:
+            def done(ok: bool) -> None:
+                if ok:
+                    cache.remember(digest, version, now)
+                    self._accept(req, user)
+                    resume(None)
+                else:
+                    resume(self.challenge)
+
+            if not offload.run(check, done):
+                resume(UNAVAILABLE)  # too many checks waiting: shed rather than queue forever
+
+        return Hold(start=start)
+
+
+# --- JWT --------------------------------------------------------------------------------
+
+# Bytes of a JWKS document read at most: real ones are a few KiB.
+MAX_JWKS = 256 * 1024
+# Requests waiting for one JWKS fetch at most; more get 503 at once.
+MAX_WAITERS = 1024
+
+
+class JwksSource:
+    """Keys from a JWKS URL: fetched when first needed, again after ``ttl`` (the old keys
+    serve meanwhile), and when a token names an unknown kid, at most once per
+    ``min_refresh`` (a flood of made-up kids costs one fetch per interval, not one each).
+    One fetch at a time; requests that need it wait on it together."""
+
+    __slots__ = (
+        "fetching", "keys", "last_attempt", "min_refresh", "next_fetch", "timeout", "ttl",
+        "url", "waiters",
+    )
+
+    def __init__(self, url: str, ttl: float, min_refresh: float, timeout: float) -> None:
+        self.url = url
+        self.ttl = ttl
+        self.min_refresh = min_refresh
+        self.timeout = timeout
+        self.keys: KeySet | None = None
+        self.next_fetch = float("-inf")
+        self.last_attempt = float("-inf")
+        self.fetching = False
+        self.waiters: list[Callable[[], None]] = []
+
+    def may_refresh(self, now: float) -> bool:
+        return now - self.last_attempt >= self.min_refresh
+
+    def refresh(self, fetcher: Fetcher | None, now: float, then: Callable[[], None]) -> bool:
+        """Fetch (or join the fetch under way); ``then`` runs when it ends. False: too many
+        waiting, or no fetcher."""
+        if fetcher is None or len(self.waiters) >= MAX_WAITERS:
+            return False
+        self.waiters.append(then)
+        if self.fetching:
+            return True
+        self.fetching = True
+        self.last_attempt = now
+
+        def done(result: FetchResult | None) -> None:
+            self.fetching = False
+            if result is not None and result.status == 200:
+                try:
+                    self.keys = jwks_keys(result.body)
+                    self.next_fetch = now + self.ttl
+                except ValueError:
+                    pass  # the old keys stay
+            waiters, self.waiters = self.waiters, []
+            for w in waiters:
+                w()
+
+        fetcher.request(
+            self.url, b"GET", [(b"Accept", b"application/json")], self.timeout, MAX_JWKS, done
+        )
+        return True
+
+
+class JwtAuth(Stage):
+    __slots__ = (
+        "cookie", "fetcher", "forward", "forward_names", "header", "is_authorization", "keys",
+        "max_len", "missing", "realm", "source", "spec",
+    )
+    on_request_hook = True
+
+    def __init__(
+        self, spec: Jwt, keys: KeySet | None, source: JwksSource | None, fetcher: Fetcher | None
+    ) -> None:
+        self.spec = spec
+        self.keys = keys
+        self.source = source
+        self.fetcher = fetcher
+        self.header = spec.header.lower().encode()
+        self.is_authorization = self.header == b"authorization"
+        self.cookie = spec.cookie.encode() if spec.cookie else None
+        self.max_len = int(spec.max_token_bytes)
+        self.forward = [(h.encode(), c) for h, c in spec.forward_claims.items()]
+        self.forward_names = frozenset(h.lower().encode() for h in spec.forward_claims)
+        self.realm = b'realm="' + spec.realm.encode("latin-1", "replace") + b'"' if spec.realm \
+            else b""
+        # RFC 6750 3.1: no credentials at all -> a challenge without an error code.
+        self.missing = _plain(
+            401, [(b"WWW-Authenticate", b"Bearer" + (b" " + self.realm if self.realm else b""))],
+            b"Unauthorized\n",
+        )
+
+    def refuse(self, e: TokenError) -> LocalReply:
+        parts = [self.realm] if self.realm else []
+        parts.append(b'error="' + e.code + b'"')
+        parts.append(b'error_description="' + e.description.encode("ascii", "replace") + b'"')
+        reason = b"Forbidden\n" if e.status == 403 else b"Unauthorized\n"
+        return _plain(e.status, [(b"WWW-Authenticate", b"Bearer " + b", ".join(parts))], reason)
+
+    def token(self, req: RequestState) -> bytes | None:
+        headers = req.head.headers
+        value = _first(headers, self.header)
+        if value is not None:
+            return bearer(value) if self.is_authorization else (bearer(value) or value.strip())
+        if self.cookie is not None:
+            return cookie_value(headers, self.cookie)
+        return None
+
+    def on_request(self, req: RequestState) -> LocalReply | Hold | None:
+        head = req.head
+        if self.forward_names:
+            head.headers = _strip(head.headers, self.forward_names)
+        token = self.token(req)
+        if token is None:
+            return self.missing
+        if len(token) > self.max_len:
+            return self.refuse(TokenError(INVALID_TOKEN, "token too large"))
+        try:
+            header = unverified_header(token)
+        except TokenError as e:
+            return self.refuse(e)
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            return self.refuse(TokenError(INVALID_TOKEN, "malformed token"))
+        source = self.source
+        if source is None:
+            return self.finish(req, token, header, self.keys.find(kid) if self.keys else None)
+        now = req.now
+        key = source.keys.find(kid) if source.keys is not None else None
+        if key is not None:
+            if now >= source.next_fetch and not source.fetching and source.may_refresh(now):
+                source.refresh(self.fetcher, now, lambda: None)  # refreshed in the background
+            return self.finish(req, token, header, key)
+        if source.keys is not None and not source.fetching and not source.may_refresh(now):
+            return self.refuse(TokenError(INVALID_TOKEN, "unknown key"))
+
+        def start(resume: Resume) -> None:
+            def then() -> None:
+                keys = source.keys
+                if keys is None:
+                    resume(UNAVAILABLE)  # never had keys: the JWKS endpoint is the problem
+                else:
+                    resume(self.finish(req, token, header, keys.find(kid)))
+
+            if not source.refresh(self.fetcher, now, then):
+                resume(UNAVAILABLE)
+
+        return Hold(start=start)
+
+    def finish(
+        self, req: RequestState, token: bytes, header: dict[str, Any], key: Any
+    ) -> LocalReply | None:
+        if key is None:
+            return self.refuse(TokenError(INVALID_TOKEN, "unknown key"))
+        try:
+            claims = verify(token, key, header, self.spec)
+        except TokenError as e:
+            return self.refuse(e)
+        headers = req.head.headers
+        for name, claim in self.forward:
+            if claim in claims:
+                value = claim_header(claims[claim])
+                if value is not None:
+                    headers.append((name, value))
+        return None
+
+
+# --- forward auth -------------------------------------------------------------------------
+
+# Bytes of an auth service's answer kept (its body goes to the client on a refusal).
+MAX_AUTH_BODY = 64 * 1024
+# Headers of a refusal not passed to the client: framing and connection are the gateway's.
+_HOP = frozenset(
+    {
+        b"connection", b"content-length", b"transfer-encoding", b"keep-alive", b"te",
+        b"trailer", b"upgrade", b"proxy-connection", b"date", b"server",
+    }
+)
+
+
+class ForwardAuth(Stage):
+    __slots__ = ("copy_in", "copy_out", "copy_out_names", "fetcher", "host", "timeout", "url")
+    on_request_hook = True
+
+    def __init__(self, config: Forward, fetcher: Fetcher | None) -> None:
+        self.url = config.url
+        self.host = (urlsplit(config.url).netloc or "").encode()
+        self.copy_in = frozenset(h.lower().encode() for h in config.request_headers)
+        self.copy_out = [h.encode() for h in config.response_headers]
+        self.copy_out_names = frozenset(h.lower() for h in self.copy_out)
+        self.timeout = config.timeout
+        self.fetcher = fetcher
+
+    def subrequest_headers(self, req: RequestState) -> Headers:
+        head = req.head
+        out: Headers = [(n, v) for n, v in head.headers if n.lower() in self.copy_in]
+        out += [
+            (b"X-Forwarded-Method", head.method),
+            (b"X-Forwarded-Proto", req.scheme),
+            (b"X-Forwarded-Host", req.host or b""),
+            (b"X-Forwarded-Uri", req.target),
+            (b"X-Original-URI", req.target),
+            (b"X-Original-Method", head.method),
+            (b"X-Forwarded-For", req.client_ip.encode()),
+        ]
+        return out
+
+    def on_request(self, req: RequestState) -> Hold | LocalReply:
+        fetcher = self.fetcher
+        if fetcher is None:
+            return UNAVAILABLE
+        head = req.head
+        if self.copy_out_names:
+            head.headers = _strip(head.headers, self.copy_out_names)
+        sub = self.subrequest_headers(req)
+
+        def start(resume: Resume) -> None:
+            def done(result: FetchResult | None) -> None:
+                if result is None:
+                    resume(UNAVAILABLE)  # failing or slow: closed, never open
+                elif 200 <= result.status < 300:
+                    for name in self.copy_out:
+                        lname = name.lower()
+                        for n, v in result.headers:
+                            if n.lower() == lname:
+                                head.headers.append((name, v))
+                    resume(None)
+                else:
+                    kept = [(n, v) for n, v in result.headers if n.lower() not in _HOP]
+                    resume(LocalReply(result.status, kept, result.body))
+
+            fetcher.request(self.url, head.method, sub, self.timeout, MAX_AUTH_BODY, done)
+
+        return Hold(start=start)
+
+
+# --- compiling ----------------------------------------------------------------------------
+
+
+def auth_stages(auth: Auth | None, stores: SecurityStores) -> Sequence[Stage]:
+    """The route's authentication stage, or nothing."""
+    if auth is None:
+        return ()
+    if auth.basic is not None:
+        path = auth.basic.htpasswd
+        file = stores.htpasswd.get(path)
+        if file is None:
+            file = stores.htpasswd[path] = HtpasswdFile(path)
+        file.next_check = float("-inf")  # a reload looks at the file again at once
+        return (BasicAuth(auth.basic, file, stores.offload),)
+    if auth.jwt is not None:
+        spec = auth.jwt
+        if spec.jwks_url is not None:
+            k = (spec.jwks_url, spec.jwks_cache, spec.jwks_min_refresh, spec.jwks_timeout)
+            source = stores.jwks.get(k)
+            if source is None:
+                source = stores.jwks[k] = JwksSource(*k)
+            return (JwtAuth(spec, None, source, stores.fetcher),)
+        key_path = spec.secret_file or spec.key_file
+        assert key_path is not None
+        with open(key_path, "rb") as f:
+            keys = file_keys(f.read(), spec.algorithms)
+        return (JwtAuth(spec, keys, None, stores.fetcher),)
+    assert auth.forward is not None
+    return (ForwardAuth(auth.forward, stores.fetcher),)
