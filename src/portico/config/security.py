@@ -43,6 +43,13 @@ def _readable_file(path: str) -> str:
     return path
 
 
+def _installed(module: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"the {module} package is not installed (pip install 'portico[auth]')")
+
+
 def loopback_host(host: str) -> bool:
     if host.lower() == "localhost":
         return True
@@ -68,9 +75,12 @@ class Basic(Strict):
         _readable_file(v)
         try:
             with open(v, "rb") as f:
-                parse_htpasswd(f.read())
+                users = parse_htpasswd(f.read())
         except HtpasswdError as e:
             raise ValueError(f"{v}: {e}") from None
+        for kind, module in (("bcrypt", "bcrypt"), ("argon2", "argon2")):
+            if any(k == kind for k, _ in users.values()):
+                _installed(module)
         return v
 
     @field_validator("realm")
@@ -123,6 +133,8 @@ class Jwt(Strict):
     @field_validator("algorithms")
     @classmethod
     def _algorithms(cls, v: list[str]) -> list[str]:
+        _installed("jwt")
+        _installed("cryptography")
         if not v:
             raise ValueError("name at least one algorithm")
         for alg in v:

@@ -15,26 +15,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from portico.config.htpasswd import HtpasswdError, parse_htpasswd
-from portico.config.security import Auth, Basic, Forward, Jwt
+from portico.config.security import Auth, Basic, Forward
 from portico.policy.credentials import VerifiedCache, check_password, dummy_hash, parse_basic
-from portico.policy.tokens import (
-    INVALID_TOKEN,
-    KeySet,
-    TokenError,
-    bearer,
-    claim_header,
-    cookie_value,
-    file_keys,
-    jwks_keys,
-    unverified_header,
-    verify,
-)
 from portico.runtime.request import Headers, RequestState
 from portico.runtime.stages import Hold, LocalReply, Resume, Stage
+
+if TYPE_CHECKING:
+    from portico.runtime.jwtauth import JwksSource
 
 
 class FetchResult:
@@ -73,18 +64,18 @@ class SecurityStores:
     jwks: dict[tuple[str, float, float, float], JwksSource] = field(default_factory=dict)
 
 
-def _plain(status: int, headers: Headers, body: bytes) -> LocalReply:
+def plain(status: int, headers: Headers, body: bytes) -> LocalReply:
     return LocalReply(status, [*headers, (b"Content-Type", b"text/plain; charset=utf-8")], body)
 
 
-UNAVAILABLE = _plain(503, [(b"Retry-After", b"1")], b"Authentication unavailable\n")
+UNAVAILABLE = plain(503, [(b"Retry-After", b"1")], b"Authentication unavailable\n")
 
 
-def _strip(headers: Headers, names: frozenset[bytes]) -> Headers:
+def strip_headers(headers: Headers, names: frozenset[bytes]) -> Headers:
     return [(n, v) for n, v in headers if n.lower() not in names]
 
 
-def _first(headers: Headers, lname: bytes) -> bytes | None:
+def first_header(headers: Headers, lname: bytes) -> bytes | None:
     for n, v in headers:
         if len(n) == len(lname) and n.lower() == lname:
             return v
@@ -145,7 +136,7 @@ class BasicAuth(Stage):
         self.file = file
         self.offload = offload
         realm = config.realm.encode("latin-1", "replace")
-        self.challenge = _plain(
+        self.challenge = plain(
             401,
             [(b"WWW-Authenticate", b'Basic realm="' + realm + b'", charset="UTF-8"')],
             b"Unauthorized\n",
@@ -164,7 +155,7 @@ class BasicAuth(Stage):
             # Whatever happens next, a client's own copy never goes up.
             lname = self.user_lname
             req.head.headers = [(n, v) for n, v in req.head.headers if n.lower() != lname]
-        value = _first(req.head.headers, b"authorization")
+        value = first_header(req.head.headers, b"authorization")
         creds = parse_basic(value) if value is not None else None
         if creds is None:
             return self.challenge
@@ -205,171 +196,6 @@ class BasicAuth(Stage):
                 resume(UNAVAILABLE)  # too many checks waiting: shed rather than queue forever
 
         return Hold(start=start)
-
-
-# --- JWT --------------------------------------------------------------------------------
-
-# Bytes of a JWKS document read at most: real ones are a few KiB.
-MAX_JWKS = 256 * 1024
-# Requests waiting for one JWKS fetch at most; more get 503 at once.
-MAX_WAITERS = 1024
-
-
-class JwksSource:
-    """Keys from a JWKS URL: fetched when first needed, again after ``ttl`` (the old keys
-    serve meanwhile), and when a token names an unknown kid, at most once per
-    ``min_refresh`` (a flood of made-up kids costs one fetch per interval, not one each).
-    One fetch at a time; requests that need it wait on it together."""
-
-    __slots__ = (
-        "fetching", "keys", "last_attempt", "min_refresh", "next_fetch", "timeout", "ttl",
-        "url", "waiters",
-    )
-
-    def __init__(self, url: str, ttl: float, min_refresh: float, timeout: float) -> None:
-        self.url = url
-        self.ttl = ttl
-        self.min_refresh = min_refresh
-        self.timeout = timeout
-        self.keys: KeySet | None = None
-        self.next_fetch = float("-inf")
-        self.last_attempt = float("-inf")
-        self.fetching = False
-        self.waiters: list[Callable[[], None]] = []
-
-    def may_refresh(self, now: float) -> bool:
-        return now - self.last_attempt >= self.min_refresh
-
-    def refresh(self, fetcher: Fetcher | None, now: float, then: Callable[[], None]) -> bool:
-        """Fetch (or join the fetch under way); ``then`` runs when it ends. False: too many
-        waiting, or no fetcher."""
-        if fetcher is None or len(self.waiters) >= MAX_WAITERS:
-            return False
-        self.waiters.append(then)
-        if self.fetching:
-            return True
-        self.fetching = True
-        self.last_attempt = now
-
-        def done(result: FetchResult | None) -> None:
-            self.fetching = False
-            if result is not None and result.status == 200:
-                try:
-                    self.keys = jwks_keys(result.body)
-                    self.next_fetch = now + self.ttl
-                except ValueError:
-                    pass  # the old keys stay
-            waiters, self.waiters = self.waiters, []
-            for w in waiters:
-                w()
-
-        fetcher.request(
-            self.url, b"GET", [(b"Accept", b"application/json")], self.timeout, MAX_JWKS, done
-        )
-        return True
-
-
-class JwtAuth(Stage):
-    __slots__ = (
-        "cookie", "fetcher", "forward", "forward_names", "header", "is_authorization", "keys",
-        "max_len", "missing", "realm", "source", "spec",
-    )
-    on_request_hook = True
-
-    def __init__(
-        self, spec: Jwt, keys: KeySet | None, source: JwksSource | None, fetcher: Fetcher | None
-    ) -> None:
-        self.spec = spec
-        self.keys = keys
-        self.source = source
-        self.fetcher = fetcher
-        self.header = spec.header.lower().encode()
-        self.is_authorization = self.header == b"authorization"
-        self.cookie = spec.cookie.encode() if spec.cookie else None
-        self.max_len = int(spec.max_token_bytes)
-        self.forward = [(h.encode(), c) for h, c in spec.forward_claims.items()]
-        self.forward_names = frozenset(h.lower().encode() for h in spec.forward_claims)
-        self.realm = b'realm="' + spec.realm.encode("latin-1", "replace") + b'"' if spec.realm \
-            else b""
-        # RFC 6750 3.1: no credentials at all -> a challenge without an error code.
-        self.missing = _plain(
-            401, [(b"WWW-Authenticate", b"Bearer" + (b" " + self.realm if self.realm else b""))],
-            b"Unauthorized\n",
-        )
-
-    def refuse(self, e: TokenError) -> LocalReply:
-        parts = [self.realm] if self.realm else []
-        parts.append(b'error="' + e.code + b'"')
-        parts.append(b'error_description="' + e.description.encode("ascii", "replace") + b'"')
-        reason = b"Forbidden\n" if e.status == 403 else b"Unauthorized\n"
-        return _plain(e.status, [(b"WWW-Authenticate", b"Bearer " + b", ".join(parts))], reason)
-
-    def token(self, req: RequestState) -> bytes | None:
-        headers = req.head.headers
-        value = _first(headers, self.header)
-        if value is not None:
-            return bearer(value) if self.is_authorization else (bearer(value) or value.strip())
-        if self.cookie is not None:
-            return cookie_value(headers, self.cookie)
-        return None
-
-    def on_request(self, req: RequestState) -> LocalReply | Hold | None:
-        head = req.head
-        if self.forward_names:
-            head.headers = _strip(head.headers, self.forward_names)
-        token = self.token(req)
-        if token is None:
-            return self.missing
-        if len(token) > self.max_len:
-            return self.refuse(TokenError(INVALID_TOKEN, "token too large"))
-        try:
-            header = unverified_header(token)
-        except TokenError as e:
-            return self.refuse(e)
-        kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            return self.refuse(TokenError(INVALID_TOKEN, "malformed token"))
-        source = self.source
-        if source is None:
-            return self.finish(req, token, header, self.keys.find(kid) if self.keys else None)
-        now = req.now
-        key = source.keys.find(kid) if source.keys is not None else None
-        if key is not None:
-            if now >= source.next_fetch and not source.fetching and source.may_refresh(now):
-                source.refresh(self.fetcher, now, lambda: None)  # refreshed in the background
-            return self.finish(req, token, header, key)
-        if source.keys is not None and not source.fetching and not source.may_refresh(now):
-            return self.refuse(TokenError(INVALID_TOKEN, "unknown key"))
-
-        def start(resume: Resume) -> None:
-            def then() -> None:
-                keys = source.keys
-                if keys is None:
-                    resume(UNAVAILABLE)  # never had keys: the JWKS endpoint is the problem
-                else:
-                    resume(self.finish(req, token, header, keys.find(kid)))
-
-            if not source.refresh(self.fetcher, now, then):
-                resume(UNAVAILABLE)
-
-        return Hold(start=start)
-
-    def finish(
-        self, req: RequestState, token: bytes, header: dict[str, Any], key: Any
-    ) -> LocalReply | None:
-        if key is None:
-            return self.refuse(TokenError(INVALID_TOKEN, "unknown key"))
-        try:
-            claims = verify(token, key, header, self.spec)
-        except TokenError as e:
-            return self.refuse(e)
-        headers = req.head.headers
-        for name, claim in self.forward:
-            if claim in claims:
-                value = claim_header(claims[claim])
-                if value is not None:
-                    headers.append((name, value))
-        return None
 
 
 # --- forward auth -------------------------------------------------------------------------
@@ -418,7 +244,7 @@ class ForwardAuth(Stage):
             return UNAVAILABLE
         head = req.head
         if self.copy_out_names:
-            head.headers = _strip(head.headers, self.copy_out_names)
+            head.headers = strip_headers(head.headers, self.copy_out_names)
         sub = self.subrequest_headers(req)
 
         def start(resume: Resume) -> None:
@@ -456,6 +282,10 @@ def auth_stages(auth: Auth | None, stores: SecurityStores) -> Sequence[Stage]:
         file.next_check = float("-inf")  # a reload looks at the file again at once
         return (BasicAuth(auth.basic, file, stores.offload),)
     if auth.jwt is not None:
+        # Imported here: PyJWT and cryptography load only when a route checks tokens.
+        from portico.policy.tokens import file_keys
+        from portico.runtime.jwtauth import JwksSource, JwtAuth
+
         spec = auth.jwt
         if spec.jwks_url is not None:
             k = (spec.jwks_url, spec.jwks_cache, spec.jwks_min_refresh, spec.jwks_timeout)
