@@ -437,3 +437,46 @@ def test_forward_auth_service_down_fails_closed(portico: Any, app: GunicornFlask
     }}))  # fmt: skip
     resp = httpx.get(f"http://127.0.0.1:{proxy.port}/echo", headers={"Authorization": "x"})
     assert resp.status_code == 503
+
+
+# --- the issue's acceptance example ---------------------------------------------------------
+
+
+def test_acceptance_example_checks_and_behaves(
+    portico: Any, app: GunicornFlask, tmp_path: Path
+) -> None:
+    from portico.config.routes import Route
+    from tests.integration.test_cli import portico_cmd
+
+    htpasswd = tmp_path / "htpasswd"
+    write_htpasswd(htpasswd, {"alice": bcrypt.hashpw(b"wonderland", bcrypt.gensalt(10))})
+    # The WAF line is the WAF stage's (another branch); with it merged, the example is whole.
+    waf = "waf = { enabled = true }\n" if "waf" in Route.model_fields else ""
+    text = (
+        f'[upstreams.app]\nbackends = ["{app.url}"]\n\n[[routes]]\npath = "/"\nupstream = "app"\n'
+        f'auth = {{ basic = {{ htpasswd = "{htpasswd}" }} }}\n{waf}'
+        'cors = { origins = ["https://app.example.test"], credentials = true }\n'
+    )
+    cfg = tmp_path / "portico.toml"
+    cfg.write_text(text)
+    out = portico_cmd("check", cfg)
+    assert out.returncode == 0, out.stdout + out.stderr
+    proxy = portico(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nshutdown_grace = 0.5\n'
+                    + text)
+    url = f"http://127.0.0.1:{proxy.port}/echo"
+    origin = {"Origin": "https://app.example.test"}
+    pre = httpx.options(url, headers={**origin, "Access-Control-Request-Method": "GET",
+                                      "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 204  # before basic auth, which a preflight never passes
+    assert pre.headers["access-control-allow-origin"] == "https://app.example.test"
+    assert pre.headers["access-control-allow-credentials"] == "true"
+    refused = httpx.get(url, headers=origin)
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == "https://app.example.test"
+    ok = httpx.get(url, headers={**origin, **basic("alice", "wonderland")})
+    assert ok.status_code == 200
+    assert ok.headers["vary"].endswith("Origin")
+    other = httpx.get(url, headers={"Origin": "https://evil.test",
+                                    **basic("alice", "wonderland")})
+    assert other.status_code == 200
+    assert not any(k.startswith("access-control") for k in other.headers)
