@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from portico.codec.events import Data, EndOfMessage, ResponseHead
 from portico.codec.parser import ResponseParser
 from portico.errors import PorticoError
-from portico.runtime.auth import FetchDone, FetchResult
+from portico.runtime.authseam import FetchDone, FetchResult
 from portico.runtime.request import Headers
 
 log = logging.getLogger("portico.auth")

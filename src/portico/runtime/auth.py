@@ -13,47 +13,28 @@ closed: 503 for what needs I/O, inline checks for passwords.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from portico.config.htpasswd import HtpasswdError, parse_htpasswd
 from portico.config.security import Auth, Basic, Forward
 from portico.policy.credentials import VerifiedCache, check_password, dummy_hash, parse_basic
+from portico.runtime.authseam import (
+    UNAVAILABLE,
+    Fetcher,
+    FetchResult,
+    Offload,
+    first_header,
+    plain,
+    strip_headers,
+)
 from portico.runtime.request import Headers, RequestState
 from portico.runtime.stages import Hold, LocalReply, Resume, Stage
 
 if TYPE_CHECKING:
     from portico.runtime.jwtauth import JwksSource
-
-
-class FetchResult:
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-
-FetchDone = Callable[[FetchResult | None], None]
-
-
-class Fetcher(Protocol):
-    """An HTTP client on the event loop (dataplane/authio.py); None to ``done`` on any
-    failure: refused, reset, timed out, garbage, a body over ``max_body``."""
-
-    def request(
-        self, url: str, method: bytes, headers: Headers, timeout: float, max_body: int,
-        done: FetchDone,
-    ) -> None: ...
-
-
-class Offload(Protocol):
-    """Runs a slow pure function off the event loop; False when too many already wait."""
-
-    def run(self, fn: Callable[[], bool], done: Callable[[bool], None]) -> bool: ...
 
 
 @dataclass
@@ -62,24 +43,6 @@ class SecurityStores:
     offload: Offload | None = None
     htpasswd: dict[str, HtpasswdFile] = field(default_factory=dict)
     jwks: dict[tuple[str, float, float, float], JwksSource] = field(default_factory=dict)
-
-
-def plain(status: int, headers: Headers, body: bytes) -> LocalReply:
-    return LocalReply(status, [*headers, (b"Content-Type", b"text/plain; charset=utf-8")], body)
-
-
-UNAVAILABLE = plain(503, [(b"Retry-After", b"1")], b"Authentication unavailable\n")
-
-
-def strip_headers(headers: Headers, names: frozenset[bytes]) -> Headers:
-    return [(n, v) for n, v in headers if n.lower() not in names]
-
-
-def first_header(headers: Headers, lname: bytes) -> bytes | None:
-    for n, v in headers:
-        if len(n) == len(lname) and n.lower() == lname:
-            return v
-    return None
 
 
 # --- basic ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from portico.policy.tokens import (
     unverified_header,
     verify,
 )
-from portico.runtime.auth import (
+from portico.runtime.authseam import (
     UNAVAILABLE,
     Fetcher,
     FetchResult,
