@@ -480,3 +480,41 @@ def test_acceptance_example_checks_and_behaves(
                                     **basic("alice", "wonderland")})
     assert other.status_code == 200
     assert not any(k.startswith("access-control") for k in other.headers)
+
+
+def test_workers_authenticate_and_a_reload_opening_a_hole_is_refused(
+    portico: Any, app: GunicornFlask, tmp_path: Path
+) -> None:
+    import copy
+    import signal
+
+    from tests.support.fleet import wait_for_log
+    from tests.support.tomlwriter import dumps
+
+    htpasswd = tmp_path / "htpasswd"
+    write_htpasswd(htpasswd, {"alice": bcrypt.hashpw(b"wonderland", bcrypt.gensalt(10))})
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with JwksServer() as idp:
+        idp.publish(("k1", key))
+        cfg = config(app, path="/api", auth={"basic": {"htpasswd": str(htpasswd)}})
+        cfg["routes"].append({"path": "/jwt", "upstream": "app", "strip_prefix": "/jwt",
+                              "auth": {"jwt": {"algorithms": ["RS256"], "jwks_url": idp.url}}})
+        proxy = portico(cfg, workers=2)
+        base = f"http://127.0.0.1:{proxy.port}"
+        token = jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, key, algorithm="RS256",
+                           headers={"kid": "k1"})
+        # Fresh connections land on either worker: each has its own thread pool and fetcher.
+        for _ in range(8):
+            assert httpx.get(f"{base}/api", headers=basic("alice", "wonderland")).status_code \
+                != 401
+            assert httpx.get(f"{base}/api").status_code == 401
+            assert httpx.get(f"{base}/jwt/echo",
+                             headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        # A reload adding an OPTIONS route without auth in front of /api is refused.
+        data = copy.deepcopy(proxy.config)
+        data["routes"].insert(0, {"path": "/api", "methods": ["OPTIONS"], "upstream": "app"})
+        proxy.config_path.write_text(dumps(data))
+        proxy.process.signal(signal.SIGHUP)
+        [line] = wait_for_log(proxy, "reload refused", timeout=10)
+        assert "takes the OPTIONS requests of routes[1]" in line
+        assert httpx.options(f"{base}/api").status_code == 401
