@@ -383,9 +383,18 @@ def test_jwks_server_down_fails_closed(portico: Any, app: GunicornFlask) -> None
     }}))  # fmt: skip
     token = jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, key, algorithm="RS256",
                        headers={"kid": "k"})
-    resp = httpx.get(f"http://127.0.0.1:{proxy.port}/echo",
-                     headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    url = f"http://127.0.0.1:{proxy.port}/echo"
+    auth = {"Authorization": f"Bearer {token}"}
+    resp = httpx.get(url, headers=auth, timeout=10)
     assert resp.status_code == 503
+    # Within jwks_min_refresh (10 s) the next ones do not try again: 503 at once.
+    with httpx.Client(timeout=10) as client:
+        for _ in range(20):
+            t0 = time.perf_counter()
+            assert client.get(url, headers=auth).status_code == 503
+            assert time.perf_counter() - t0 < 0.5  # not the 1 s jwks_timeout of a fetch
+    assert "jwks" in proxy.output()  # the failed fetch is logged, once
+    assert proxy.output().count("failed") == 1, proxy.output()
 
 
 # --- forward auth ------------------------------------------------------------------------------

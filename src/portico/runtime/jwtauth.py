@@ -162,7 +162,11 @@ class JwtAuth(Stage):
             if now >= source.next_fetch and not source.fetching and source.may_refresh(now):
                 source.refresh(self.fetcher, now, lambda: None)  # refreshed in the background
             return self.finish(req, token, header, key)
-        if source.keys is not None and not source.fetching and not source.may_refresh(now):
+        if not source.fetching and not source.may_refresh(now):
+            # Fetched (or tried) too recently to ask again: no keys at all means the JWKS
+            # endpoint is failing (503, like any unreachable dependency), else the kid is bad.
+            if source.keys is None:
+                return UNAVAILABLE
             return self.refuse(TokenError(INVALID_TOKEN, "unknown key"))
 
         def start(resume: Resume) -> None:
