@@ -194,6 +194,13 @@ def test_jwt_key_file_each_algorithm(
     bad = httpx.get(url, headers={"Authorization": f"Bearer {forged}"})
     assert bad.status_code == 401
     assert 'error="invalid_token"' in bad.headers["www-authenticate"]
+    # A verified token is remembered, but never past its exp: the same token, asked again
+    # and again, turns to 401 when it expires.
+    brief = jwt.encode({**claims, "exp": int(time.time()) + 2}, signing, algorithm=alg)
+    with httpx.Client(timeout=5, headers={"Authorization": f"Bearer {brief}"}) as client:
+        assert client.get(url).status_code == 200
+        assert client.get(url).json()["headers"]["X-Sub"] == "alice"  # from the cache too
+        wait_until(lambda: client.get(url).status_code == 401, 6, message="expired token refused")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ family (so an RSA public key can never serve as an HMAC secret).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -144,6 +145,19 @@ def verify(token: bytes, key: Any, header: Mapping[str, Any], spec: Jwt) -> dict
         if not ok:
             raise TokenError(INSUFFICIENT_SCOPE, f"claim {name} not allowed", 403)
     return claims
+
+
+def lifetime(claims: Mapping[str, Any], leeway: float, wall_now: float) -> float | None:
+    """Seconds the token stays acceptable (its exp plus leeway), None without an exp."""
+    exp = claims.get("exp")
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        return None
+    return float(exp) + leeway - wall_now
+
+
+def remaining(claims: Mapping[str, Any], leeway: float) -> float | None:
+    """``lifetime`` now, by the same wall clock PyJWT judged ``exp`` with a moment ago."""
+    return lifetime(claims, leeway, time.time())
 
 
 def _same_family(key_alg: str, alg: str) -> bool:
