@@ -28,9 +28,12 @@ log = logging.getLogger("portico.auth")
 # Slow checks waiting for a thread at most; beyond it the stage answers 503 at once rather
 # than queue logins without bound (each is ~50-300 ms of CPU).
 MAX_PENDING = 64
-# Threads for password hashes: the libraries release the GIL, and the machine's other
-# cores belong to the other workers.
-HASH_THREADS = 2
+# Threads for password hashes, per worker. The libraries release the GIL, so a check runs
+# beside the event loop; one thread leaves the loop a core of its own on a small machine
+# (with two, two cost-14 checks slowed an unrelated request to 0.4 s on a loaded 2-core
+# box). Repeated logins are cached and concurrent identical ones share a check, so one
+# thread sees only first logins.
+HASH_THREADS = 1
 
 
 class _TooLarge(Exception):

@@ -13,7 +13,7 @@ closed: 503 for what needs I/O, inline checks for passwords.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -56,7 +56,10 @@ class HtpasswdFile:
     """An htpasswd file, re-read when its inode, size or mtime changes. A bad new version
     is not taken: the old users stay, and ``error`` says why (shown by the gateway's log)."""
 
-    __slots__ = ("cache", "dummy", "error", "next_check", "path", "signature", "users", "version")
+    __slots__ = (
+        "cache", "checking", "dummy", "error", "next_check", "path", "signature", "users",
+        "version",
+    )
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -66,6 +69,9 @@ class HtpasswdFile:
         self.next_check = float("-inf")
         self.error: str | None = None
         self.cache = VerifiedCache()
+        # Checks under way, by credential digest: requests with the same credentials wait for
+        # the one check (a browser opens several connections at once with the same login).
+        self.checking: dict[bytes, list[Callable[[bool], None]]] = {}
         self.dummy = dummy_hash()
 
     def current(self, now: float) -> dict[bytes, tuple[str, bytes]]:
@@ -147,15 +153,27 @@ class BasicAuth(Stage):
             return None if ok else self.challenge
 
         def start(resume: Resume) -> None:
-            def done(ok: bool) -> None:
+            def answer(ok: bool) -> None:
                 if ok:
-                    cache.remember(digest, version, now)
                     self._accept(req, user)
                     resume(None)
                 else:
                     resume(self.challenge)
 
+            waiting = file.checking.get(digest)
+            if waiting is not None:
+                waiting.append(answer)
+                return
+
+            def done(ok: bool) -> None:
+                if ok:
+                    cache.remember(digest, version, now)
+                for waiter in file.checking.pop(digest, ()):
+                    waiter(ok)
+
+            file.checking[digest] = [answer]
             if not offload.run(check, done):
+                del file.checking[digest]
                 resume(UNAVAILABLE)  # too many checks waiting: shed rather than queue forever
 
         return Hold(start=start)
