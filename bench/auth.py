@@ -42,6 +42,8 @@ def main() -> int:
     port = procs.free_port()
     routes = [
         '[[routes]]\npath_exact = "/none"\nrespond = { body = "ok" }\n',
+        '[[routes]]\npath_exact = "/rule"\nrespond = { body = "ok" }\n'
+        'response_headers = { set = { X-A = "1" } }\n',
         '[[routes]]\npath_exact = "/cors"\nrespond = { body = "ok" }\n'
         'cors = { origins = ["https://app.test"] }\n',
         '[[routes]]\npath_exact = "/basic"\nrespond = { body = "ok" }\n'
@@ -73,6 +75,7 @@ def main() -> int:
         basic = base64.b64encode(b"bench:pw").decode()
         cases = [
             ("no stage", "/none", ()),
+            ("one header rule (for comparison)", "/rule", ()),
             ("cors (allowed Origin)", "/cors", ("Origin: https://app.test",)),
             ("basic (cached credential)", "/basic", (f"Authorization: Basic {basic}",)),
             *(
