@@ -145,6 +145,8 @@ def test_parse_basic_and_cache() -> None:
     assert parse_basic(b"Basic ###") is None
     assert parse_basic(b"Basic " + base64.b64encode(b"nocolon")) is None
     assert parse_basic(b"Basic " + b"A" * 2000) is None
+    # A user name goes upstream in user_header: no header injection through it.
+    assert parse_basic(b"Basic " + base64.b64encode(b"a\r\nX-Admin: 1:pw")) is None
     hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4))
     assert check_password("bcrypt", hashed, b"pw")
     assert not check_password("bcrypt", hashed, b"px")
@@ -207,6 +209,27 @@ def test_acceptance_example_auth_and_cors_keys(tmp_path: Path, htpasswd: str) ->
 def test_auth_refusals(tmp_path: Path, auth: dict[str, Any], path: str, reason: str) -> None:
     found = problems(_config(tmp_path, {"upstream": "app", "auth": auth}))
     assert any(p == path and reason in r for p, r in found), found
+
+
+@pytest.mark.parametrize(
+    ("auth", "path"),
+    [
+        ({"forward": {"url": "http://127.0.0.1:1/a", "response_headers": ["Transfer-Encoding"]}},
+         "routes[0].auth.forward.response_headers"),
+        ({"jwt": {"algorithms": ["RS256"], "jwks_url": "https://i.test/k",
+                  "forward_claims": {"Content-Length": "sub"}}},
+         "routes[0].auth.jwt.forward_claims"),
+        ({"jwt": {"algorithms": ["RS256"], "jwks_url": "https://i.test/k",
+                  "forward_claims": {"X-Forwarded-For": "sub"}}},
+         "routes[0].auth.jwt.forward_claims"),
+    ],
+)
+def test_auth_may_not_write_framing_or_forwarding_headers(
+    tmp_path: Path, auth: dict[str, Any], path: str
+) -> None:
+    found = problems(_config(tmp_path, {"upstream": "app", "auth": auth}))
+    assert len(found) == 1 and found[0][0].startswith(path), found
+    assert "managed by Portico" in found[0][1]
 
 
 def test_short_hmac_secret_and_bad_key_file_refused(tmp_path: Path) -> None:

@@ -33,6 +33,25 @@ def _header_name(name: str) -> str:
     return name
 
 
+# Headers the auth stages may not write upstream: framing, connection management and the
+# forwarding headers belong to the codec and the forwarding section (an auth service that
+# could set Transfer-Encoding or Content-Length on the upstream request could smuggle).
+_RESERVED = frozenset(
+    {
+        "connection", "content-length", "transfer-encoding", "te", "trailer", "upgrade",
+        "keep-alive", "proxy-connection", "host", "expect", "x-forwarded-for",
+        "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded", "via",
+    }
+)
+
+
+def _upstream_header(name: str) -> str:
+    _header_name(name)
+    if name.lower() in _RESERVED:
+        raise ValueError(f"{name}: managed by Portico (framing, connection or forwarding)")
+    return name
+
+
 def _readable_file(path: str) -> str:
     if not os.path.isabs(path):
         raise ValueError(f"{path!r}: must be an absolute path")
@@ -93,7 +112,7 @@ class Basic(Strict):
     @field_validator("user_header")
     @classmethod
     def _user_header(cls, v: str | None) -> str | None:
-        return None if v is None else _header_name(v)
+        return None if v is None else _upstream_header(v)
 
 
 class Jwt(Strict):
@@ -176,7 +195,7 @@ class Jwt(Strict):
     @classmethod
     def _forward(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
-            _header_name(name)
+            _upstream_header(name)
         return v
 
     @model_validator(mode="after")
@@ -259,11 +278,18 @@ class Forward(Strict):
             raise ValueError(f"{v!r}: no query or fragment (the original URI is sent in headers)")
         return v
 
-    @field_validator("request_headers", "response_headers")
+    @field_validator("request_headers")
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
         for name in v:
             _header_name(name)
+        return v
+
+    @field_validator("response_headers")
+    @classmethod
+    def _upstream_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _upstream_header(name)
         return v
 
 

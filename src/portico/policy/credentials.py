@@ -40,6 +40,8 @@ def parse_basic(value: bytes) -> tuple[bytes, bytes] | None:
     user, sep, password = decoded.partition(b":")
     if not sep or not user:
         return None
+    if any(b < 0x20 or b == 0x7F for b in user):
+        return None  # the user may go upstream in a header: no CR, LF or other controls
     return user, password
 
 
