@@ -569,3 +569,29 @@ def test_concurrent_logins_with_the_same_credentials_share_one_check(
     assert statuses == [200] * 6
     # Six separate checks on the one hash thread would take six checks' time; shared, one.
     assert elapsed < 2.2 * one_check, (elapsed, one_check)
+
+
+def test_stage_order_ip_rules_cors_rate_limit_auth(
+    portico: Any, app: GunicornFlask, tmp_path: Path
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    write_htpasswd(htpasswd, {"u": bcrypt.hashpw(b"pw", bcrypt.gensalt(4))})
+    cfg = config(app, path="/open", strip_prefix="/open",
+                 auth={"basic": {"htpasswd": str(htpasswd)}},
+                 cors={"origins": ["https://a.test"]},
+                 rate_limit={"rate": 1, "per": "minute", "burst": 1, "headers": False})
+    cfg["routes"].append({"path": "/closed", "upstream": "app", "ip_deny": ["127.0.0.0/8"],
+                          "cors": {"origins": ["https://a.test"]},
+                          "auth": {"basic": {"htpasswd": str(htpasswd)}}})
+    proxy = portico(cfg)
+    base = f"http://127.0.0.1:{proxy.port}"
+    preflight = {"Origin": "https://a.test", "Access-Control-Request-Method": "GET"}
+    # IP rules first: a denied client's preflight is refused before CORS answers it.
+    assert httpx.options(f"{base}/closed", headers=preflight).status_code == 403
+    # CORS before rate limits and auth: preflights are neither counted nor challenged.
+    for _ in range(3):
+        assert httpx.options(f"{base}/open", headers=preflight).status_code == 204
+    # Rate limit before auth: the second request is refused by the limit (429) whatever
+    # its credentials, so guessing passwords costs no hash past the limit.
+    assert httpx.get(f"{base}/open/echo", headers=basic("u", "pw")).status_code == 200
+    assert httpx.get(f"{base}/open/echo", headers=basic("u", "bad")).status_code == 429
