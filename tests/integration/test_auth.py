@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -307,9 +309,10 @@ def b64(data: bytes) -> str:
 class JwksServer:
     """A real JWKS endpoint on loopback whose key set the test rotates; counts fetches."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.doc = b'{"keys": []}'
         self.fetches = 0
+        self.scheme = "https" if tls else "http"
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -325,11 +328,13 @@ class JwksServer:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/jwks.json"
 
     def publish(self, *keys: tuple[str, Any]) -> None:
         jwks = []
@@ -595,3 +600,73 @@ def test_stage_order_ip_rules_cors_rate_limit_auth(
     # its credentials, so guessing passwords costs no hash past the limit.
     assert httpx.get(f"{base}/open/echo", headers=basic("u", "pw")).status_code == 200
     assert httpx.get(f"{base}/open/echo", headers=basic("u", "bad")).status_code == 429
+
+
+def make_ca(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
+    """A private CA (its PEM at the returned path) and a server context for 127.0.0.1."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "portico test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    ca_path = tmp_path / "ca.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    chain = tmp_path / "server.pem"
+    chain.write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(chain)
+    return ca_path, context
+
+
+def test_jwks_over_https_checks_the_certificate(
+    portico: Any, app: GunicornFlask, tmp_path: Path
+) -> None:
+    ca_path, tls = make_ca(tmp_path)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    token = jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, key, algorithm="RS256",
+                       headers={"kid": "k1"})
+    auth = {"Authorization": f"Bearer {token}"}
+    with JwksServer(tls) as idp:
+        idp.publish(("k1", key))
+        trusted = {"algorithms": ["RS256"], "jwks_url": idp.url, "jwks_ca_file": str(ca_path)}
+        cfg = config(app, path="/trusted", strip_prefix="/trusted", auth={"jwt": trusted})
+        cfg["routes"].append({"path": "/system", "strip_prefix": "/system", "upstream": "app",
+                              "auth": {"jwt": {"algorithms": ["RS256"], "jwks_url": idp.url}}})
+        proxy = portico(cfg)
+        base = f"http://127.0.0.1:{proxy.port}"
+        assert httpx.get(f"{base}/trusted/echo", headers=auth, timeout=10).status_code == 200
+        # The system's CAs do not know the private CA: the fetch fails, closed.
+        assert httpx.get(f"{base}/system/echo", headers=auth, timeout=10).status_code == 503
+        assert "CERTIFICATE_VERIFY_FAILED" in proxy.output()

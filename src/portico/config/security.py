@@ -129,6 +129,10 @@ class Jwt(Strict):
         10.0, description="at most one fetch per this many seconds for an unknown kid"
     )
     jwks_timeout: PositiveSeconds = Field(5.0, description="a JWKS fetch gives up after")
+    jwks_ca_file: str | None = Field(
+        None, description="PEM CA bundle the JWKS server's certificate is checked against "
+        "(default: the system's)"
+    )
     issuer: str | list[str] | None = Field(None, description="iss must be (one of) this")
     audience: str | list[str] | None = Field(None, description="aud must contain (one of) this")
     required_claims: list[str] = Field(
@@ -166,7 +170,7 @@ class Jwt(Strict):
                 raise ValueError(f"{alg!r} is not supported (one of: {known})")
         return v
 
-    @field_validator("secret_file", "key_file")
+    @field_validator("secret_file", "key_file", "jwks_ca_file")
     @classmethod
     def _file(cls, v: str | None) -> str | None:
         return None if v is None else _readable_file(v)
@@ -267,6 +271,14 @@ class Forward(Strict):
         description="auth response headers copied to the upstream request on 2xx",
     )
     timeout: PositiveSeconds = Field(5.0, description="no answer in time: 503 (fails closed)")
+    ca_file: str | None = Field(
+        None, description="PEM CA bundle for an https url (default: the system's)"
+    )
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca(cls, v: str | None) -> str | None:
+        return None if v is None else _readable_file(v)
 
     @field_validator("url")
     @classmethod

@@ -45,42 +45,45 @@ class HttpFetcher:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl: dict[str | None, ssl.SSLContext] = {}
 
     def request(
         self, url: str, method: bytes, headers: Headers, timeout: float, max_body: int,
-        done: FetchDone,
+        done: FetchDone, ca_file: str | None = None,
     ) -> None:
         task = asyncio.get_running_loop().create_task(
-            self._run(url, method, headers, timeout, max_body, done)
+            self._run(url, method, headers, timeout, max_body, done, ca_file)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(
         self, url: str, method: bytes, headers: Headers, timeout: float, max_body: int,
-        done: FetchDone,
+        done: FetchDone, ca_file: str | None,
     ) -> None:
         result: FetchResult | None = None
         try:
             async with asyncio.timeout(timeout):
-                result = await self._exchange(url, method, headers, max_body)
+                result = await self._exchange(url, method, headers, max_body, ca_file)
         except (OSError, TimeoutError, PorticoError, _TooLarge, ssl.SSLError) as e:
             log.warning("auth: %s %s failed: %s", method.decode(), url, e or type(e).__name__)
         done(result)
 
+    def _context(self, ca_file: str | None) -> ssl.SSLContext:
+        context = self._ssl.get(ca_file)
+        if context is None:
+            # Made once per CA file (loading the system's CAs costs milliseconds).
+            context = self._ssl[ca_file] = ssl.create_default_context(cafile=ca_file)
+        return context
+
     async def _exchange(
-        self, url: str, method: bytes, headers: Headers, max_body: int
+        self, url: str, method: bytes, headers: Headers, max_body: int, ca_file: str | None
     ) -> FetchResult:
         u = urlsplit(url)
         https = u.scheme == "https"
         host = u.hostname or ""
         port = u.port or (443 if https else 80)
-        context = None
-        if https:
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            context = self._ssl
+        context = self._context(ca_file) if https else None
         reader, writer = await asyncio.open_connection(
             host, port, ssl=context, server_hostname=host if https else None
         )

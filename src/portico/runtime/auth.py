@@ -42,7 +42,9 @@ class SecurityStores:
     fetcher: Fetcher | None = None
     offload: Offload | None = None
     htpasswd: dict[str, HtpasswdFile] = field(default_factory=dict)
-    jwks: dict[tuple[str, float, float, float], JwksSource] = field(default_factory=dict)
+    jwks: dict[tuple[str, float, float, float, str | None], JwksSource] = field(
+        default_factory=dict
+    )
 
 
 # --- basic ------------------------------------------------------------------------------
@@ -193,7 +195,9 @@ _HOP = frozenset(
 
 
 class ForwardAuth(Stage):
-    __slots__ = ("copy_in", "copy_out", "copy_out_names", "fetcher", "host", "timeout", "url")
+    __slots__ = (
+        "ca_file", "copy_in", "copy_out", "copy_out_names", "fetcher", "host", "timeout", "url",
+    )
     on_request_hook = True
 
     def __init__(self, config: Forward, fetcher: Fetcher | None) -> None:
@@ -203,6 +207,7 @@ class ForwardAuth(Stage):
         self.copy_out = [h.encode() for h in config.response_headers]
         self.copy_out_names = frozenset(h.lower() for h in self.copy_out)
         self.timeout = config.timeout
+        self.ca_file = config.ca_file
         self.fetcher = fetcher
 
     def subrequest_headers(self, req: RequestState) -> Headers:
@@ -243,7 +248,9 @@ class ForwardAuth(Stage):
                     kept = [(n, v) for n, v in result.headers if n.lower() not in _HOP]
                     resume(LocalReply(result.status, kept, result.body))
 
-            fetcher.request(self.url, head.method, sub, self.timeout, MAX_AUTH_BODY, done)
+            fetcher.request(
+                self.url, head.method, sub, self.timeout, MAX_AUTH_BODY, done, self.ca_file
+            )
 
         return Hold(start=start)
 
@@ -269,7 +276,10 @@ def auth_stages(auth: Auth | None, stores: SecurityStores) -> Sequence[Stage]:
 
         spec = auth.jwt
         if spec.jwks_url is not None:
-            k = (spec.jwks_url, spec.jwks_cache, spec.jwks_min_refresh, spec.jwks_timeout)
+            k = (
+                spec.jwks_url, spec.jwks_cache, spec.jwks_min_refresh, spec.jwks_timeout,
+                spec.jwks_ca_file,
+            )
             source = stores.jwks.get(k)
             if source is None:
                 source = stores.jwks[k] = JwksSource(*k)

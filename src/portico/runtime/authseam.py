@@ -24,11 +24,12 @@ FetchDone = Callable[[FetchResult | None], None]
 
 class Fetcher(Protocol):
     """An HTTP client on the event loop (dataplane/authio.py); None to ``done`` on any
-    failure: refused, reset, timed out, garbage, a body over ``max_body``."""
+    failure: refused, reset, timed out, garbage, a body over ``max_body``, a certificate
+    not signed by the system's CAs (or by ``ca_file`` when given)."""
 
     def request(
         self, url: str, method: bytes, headers: Headers, timeout: float, max_body: int,
-        done: FetchDone,
+        done: FetchDone, ca_file: str | None = None,
     ) -> None: ...
 
 

@@ -55,12 +55,15 @@ class JwksSource:
     One fetch at a time; requests that need it wait on it together."""
 
     __slots__ = (
-        "fetching", "generation", "keys", "last_attempt", "min_refresh", "next_fetch",
+        "ca_file", "fetching", "generation", "keys", "last_attempt", "min_refresh", "next_fetch",
         "timeout", "ttl", "url", "waiters",
     )
 
-    def __init__(self, url: str, ttl: float, min_refresh: float, timeout: float) -> None:
+    def __init__(
+        self, url: str, ttl: float, min_refresh: float, timeout: float, ca_file: str | None
+    ) -> None:
         self.url = url
+        self.ca_file = ca_file
         self.ttl = ttl
         self.min_refresh = min_refresh
         self.timeout = timeout
@@ -99,7 +102,8 @@ class JwksSource:
                 w()
 
         fetcher.request(
-            self.url, b"GET", [(b"Accept", b"application/json")], self.timeout, MAX_JWKS, done
+            self.url, b"GET", [(b"Accept", b"application/json")], self.timeout, MAX_JWKS, done,
+            self.ca_file,
         )
         return True
 
