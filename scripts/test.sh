@@ -26,6 +26,18 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
     || echo "could not install redis-server: shared rate-limit tests will skip" >&2
 fi
+# The WAF tests (tests/integration/test_waf.py, tests/unit/test_waf_rules.py) load the OWASP
+# Core Rule Set from Debian's modsecurity-crs; libmodsecurity3 is the system library (the PyPI
+# binding in the waf extra bundles its own build). As root with apt-get, install them when
+# missing; if that fails the WAF tests skip with the reason.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && ! dpkg-query -W -f='${Status}' modsecurity-crs 2>/dev/null | grep -q "ok installed"; then
+  echo "installing modsecurity-crs and libmodsecurity3 for the WAF tests" >&2
+  { apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmodsecurity3 modsecurity-crs \
+      >/dev/null; } \
+    || echo "could not install modsecurity-crs libmodsecurity3: WAF tests will skip" >&2
+fi
 # The browser tests (tests/integration/test_cors_browser.py) drive Debian's chromium through
 # Playwright (never `playwright install`). As root with apt-get, install it when missing; if
 # that fails they skip.

@@ -50,6 +50,7 @@ from portico.runtime.routes import KIND_PROXY, KIND_STATIC
 from portico.runtime.snapshot import Snapshot, compile_config
 from portico.runtime.stageorder import stage_order
 from portico.runtime.traffic import connection_limits
+from portico.runtime.waf import WafRulesError
 
 log = logging.getLogger("portico")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
@@ -357,6 +358,8 @@ class Gateway:
             else:
                 self._snapshot = compile_config(config, previous=previous)
                 release_unchecked(self._snapshot)
+        except WafRulesError as exc:  # a rule file the config names does not load
+            return ReloadResult(False, problems=[(exc.key, exc.reason)])
         except Exception as exc:  # a compile bug must not take the gateway down
             log.exception("reload failed to compile")
             return ReloadResult(False, problems=[("config", f"cannot compile: {exc}")])

@@ -31,6 +31,7 @@ from portico.config.types import (
     Size,
     Strict,
 )
+from portico.config.waf import Waf, waf_flag
 
 #: Variables every template may use; regex captures of the route's path_regex come on top.
 TEMPLATE_VARS = frozenset(
@@ -458,14 +459,17 @@ class Route(Strict):
     concurrency: Concurrencies = Field(default_factory=list, description=CONCURRENCY)
     ip_allow: AllowList = Field(None, description=IP_ALLOW)
     ip_deny: list[Network] = Field(default_factory=list, description=IP_DENY)
-    # --- security (config.security; docs/security.md) ---
+    # --- security (config.security, config.waf; docs/security.md) ---
     auth: Auth | None = Field(None, description="basic, jwt or forward authentication")
     cors: Cors | None = Field(None, description="CORS, preflights answered by the gateway")
+    waf: Waf | None = Field(None, description="ModSecurity + OWASP CRS; true = defaults")
 
     upgrades: list[str] = Field(
         default_factory=lambda: ["websocket"],
         description="Upgrade protocols tunnelled; others are stripped from the request",
     )
+
+    _waf_flag = field_validator("waf", mode="before")(waf_flag)
 
     @field_validator("compress", mode="before")
     @classmethod

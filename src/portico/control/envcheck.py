@@ -11,6 +11,7 @@ import os
 
 from portico.config.model import Config
 from portico.control.appcheck import check_apps
+from portico.control.wafcheck import check_waf
 from portico.errors import StartupError
 from portico.runtime.stageorder import stage_order
 
@@ -24,6 +25,7 @@ def check_environment(config: Config, *, strict: bool = False) -> list[tuple[str
     if config.server.pid_file and (why := unwritable(config.server.pid_file)) is not None:
         problems.append(("server.pid_file", why))
     problems.extend(check_apps(config))
+    problems.extend(check_waf(config))
     problems.extend(stage_order(config))  # nothing reaches an upstream past its auth
     if strict:
         # Imported here: `portico check` without --strict loads nothing of the data plane.

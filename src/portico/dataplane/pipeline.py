@@ -16,10 +16,12 @@ from portico.codec.paths import normalize_path
 from portico.dataplane import forwarding
 from portico.dataplane.exchange import ClientSide, Handler
 from portico.dataplane.hold import HeldExchange
+from portico.dataplane.wafbody import inspect
 from portico.errors import NoRoute, PorticoError, ProtocolError
 from portico.runtime.request import RequestState
 from portico.runtime.routes import CompiledRoute
 from portico.runtime.stages import Hold, LocalReply
+from portico.runtime.waf import WafCheck
 
 
 def begin(conn: ClientSide, head: RequestHead) -> Handler:
@@ -84,6 +86,8 @@ def proceed(conn: ClientSide, req: RequestState, route: CompiledRoute, first: in
             if type(reply) is Hold:
                 after = i if reply.again else i + 1
                 return HeldExchange(conn, req, route, after, reply, proceed)
+            if type(reply) is WafCheck:  # the WAF's verdict, or its wait for the body
+                return inspect(conn, req, route, i + 1, reply, proceed)
             return _local(conn, req, route, reply=reply)  # type: ignore[arg-type]
     return _handler(conn, req, route)
 

@@ -49,6 +49,7 @@ from portico.runtime.stages import (
 )
 from portico.runtime.static import StaticSpec
 from portico.runtime.traffic import IpRules, TrafficStores, traffic_stages
+from portico.runtime.waf import waf_stages
 
 if TYPE_CHECKING:
     from portico.runtime.snapshot import Service
@@ -94,6 +95,7 @@ def compile_route(
     services: Mapping[str, Service],
     request_id: RequestIdConfig | None,
     traffic: Sequence[Stage] = (),
+    waf: Sequence[Stage] = (),
     security: SecurityStores | None = None,
 ) -> CompiledRoute:
     if route.upstream or route.split:
@@ -166,7 +168,7 @@ def compile_route(
             cr.reply_body = tpl
     if request_id is not None:
         cr.request_id_header = request_id.header.encode("latin-1")
-    cr.set_stages(_stages(route, request_id, services, traffic, security))
+    cr.set_stages(_stages(route, request_id, services, traffic, waf, security))
     return cr
 
 
@@ -175,6 +177,7 @@ def _stages(
     request_id: RequestIdConfig | None,
     services: Mapping[str, Service],
     traffic: Sequence[Stage] = (),
+    waf: Sequence[Stage] = (),
     security: SecurityStores | None = None,
 ) -> list[Stage]:
     """The chain in its fixed order: request ID first (so every later stage and every local
@@ -186,13 +189,15 @@ def _stages(
     rid = RequestId(request_id.header) if request_id is not None else None
     if rid is not None:
         stages.append(rid)
-    # IP rules, CORS preflight, rate limits, authentication: docs/security.md "Stage order".
+    # IP rules, CORS preflight, rate limits, authentication, WAF: docs/security.md "Stage
+    # order".
     ip = [s for s in traffic if isinstance(s, IpRules)]
     stages.extend(ip)
     if route.cors is not None:
         stages.append(Cors(route.cors))
     stages.extend(s for s in traffic if not isinstance(s, IpRules))
     stages.extend(auth_stages(route.auth, security or SecurityStores()))
+    stages.extend(waf)  # after traffic and authentication, before any rewrite
     if route.strip_prefix or route.add_prefix or route.rewrite:
         rw = route.rewrite
         regex, to = (rw.regex, rw.to) if rw else (None, None)
@@ -246,6 +251,11 @@ def compile_routes(
     rid_cfg = config.request_id
     rid = rid_cfg if rid_cfg is not None and rid_cfg.enabled else None
     stores = stores if stores is not None else TrafficStores(config.traffic)
+    effective = config.effective_routes()
+    # Rule sets compile here, once per config (a broken rule raises WafRulesError).
+    wafs = waf_stages(
+        {i: (r.waf, f"routes[{i}].waf") for i, r in enumerate(effective) if r.waf is not None}
+    )
     routes = [
         compile_route(
             r,
@@ -261,9 +271,10 @@ def compile_routes(
                 _fleets(r, services),
                 r.shed_priority,
             ),
+            wafs.get(i, ()),
             stores.security,
         )
-        for i, r in enumerate(config.effective_routes())
+        for i, r in enumerate(effective)
     ]
     return Router(routes, RequestId(rid.header) if rid is not None else None)
 

@@ -55,6 +55,7 @@ class RequestState:
         "target",
         "trusts",
         "upstream",
+        "waf",
     )
 
     def __init__(
@@ -94,6 +95,8 @@ class RequestState:
         # to give back), and the RateLimit headers its response carries.
         self.finishers: list[Callable[[], None]] | None = None
         self.limit_headers: Headers | None = None
+        # The WAF's transaction, kept for the response phases (waf.inspect_response only).
+        self.waf: object = None
 
     @property
     def client_ip(self) -> str:
