@@ -90,7 +90,8 @@ def main() -> int:
                     headers=headers)  # warm-up (and the one bcrypt check)
             r = wrk.run(url, duration_s=args.duration, connections=args.connections, threads=1,
                         cpu=1, headers=headers)
-            print(f"| {label} | {r.requests_per_s:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |")
+            rps, p50, p99 = r.requests_per_s, r.p50_ms, r.p99_ms
+            print(f"| {label} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {r.errors} |")
         t0 = time.perf_counter()
         bcrypt.checkpw(b"pw", htpasswd.read_bytes().split(b":", 1)[1].strip())
         print(f"\none bcrypt check (cost 10) here: {1000 * (time.perf_counter() - t0):.0f} ms")
