@@ -38,6 +38,16 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
       >/dev/null; } \
     || echo "could not install modsecurity-crs libmodsecurity3: WAF tests will skip" >&2
 fi
+# The browser tests (tests/integration/test_cors_browser.py) drive Debian's chromium through
+# Playwright (never `playwright install`). As root with apt-get, install it when missing; if
+# that fails they skip.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium for the browser tests" >&2
+  { apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+    || echo "could not install chromium: browser tests will skip" >&2
+fi
 # Debian and Ubuntu ship Python without venv's ensurepip (package python3-venv).
 if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

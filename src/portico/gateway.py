@@ -48,6 +48,7 @@ from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import KIND_PROXY, KIND_STATIC
 from portico.runtime.snapshot import Snapshot, compile_config
+from portico.runtime.stageorder import stage_order
 from portico.runtime.traffic import connection_limits
 from portico.runtime.waf import WafRulesError
 
@@ -348,6 +349,8 @@ class Gateway:
         on the config they started with, and keep-alive connections stay open.
         """
         config, result = prepare_reload(self.config, new)
+        if problems := stage_order(config):  # a route would let requests past auth
+            return ReloadResult(False, problems=problems)
         previous = self.snapshot()
         try:
             if self.serving is not None:

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from portico.config.security import Auth, Cors
 from portico.config.traffic import (
     CONCURRENCY,
     IP_ALLOW,
@@ -458,7 +459,9 @@ class Route(Strict):
     concurrency: Concurrencies = Field(default_factory=list, description=CONCURRENCY)
     ip_allow: AllowList = Field(None, description=IP_ALLOW)
     ip_deny: list[Network] = Field(default_factory=list, description=IP_DENY)
-    # --- security (docs/security.md) ---
+    # --- security (config.security, config.waf; docs/security.md) ---
+    auth: Auth | None = Field(None, description="basic, jwt or forward authentication")
+    cors: Cors | None = Field(None, description="CORS, preflights answered by the gateway")
     waf: Waf | None = Field(None, description="ModSecurity + OWASP CRS; true = defaults")
 
     upgrades: list[str] = Field(

@@ -13,6 +13,7 @@ from portico.config.model import Config
 from portico.control.appcheck import check_apps
 from portico.control.wafcheck import check_waf
 from portico.errors import StartupError
+from portico.runtime.stageorder import stage_order
 
 
 def check_environment(config: Config, *, strict: bool = False) -> list[tuple[str, str]]:
@@ -25,6 +26,7 @@ def check_environment(config: Config, *, strict: bool = False) -> list[tuple[str
         problems.append(("server.pid_file", why))
     problems.extend(check_apps(config))
     problems.extend(check_waf(config))
+    problems.extend(stage_order(config))  # nothing reaches an upstream past its auth
     if strict:
         # Imported here: `portico check` without --strict loads nothing of the data plane.
         from portico.dataplane.listener import bind_socket

@@ -23,6 +23,7 @@ from typing import Any
 from portico.config.model import Config
 from portico.config.traffic import Redis as RedisConfig
 from portico.config.traffic import TrafficTable
+from portico.dataplane.authio import HttpFetcher, ThreadOffload
 from portico.runtime.limittable import STRIPES, LimitTable, table_bytes
 from portico.runtime.traffic import RemoteLimiter, TrafficStores
 
@@ -108,6 +109,8 @@ def traffic_stores(config: Config, shared: SharedTables | None) -> TrafficStores
     workers, private tables otherwise."""
     stores = shared.stores() if shared is not None else TrafficStores(config.traffic)
     stores.remote_factory = _redis_limiter
+    stores.security.fetcher = HttpFetcher()  # JWKS and forward auth (dataplane/authio.py)
+    stores.security.offload = ThreadOffload()  # password hashes off the event loop
     return stores
 
 

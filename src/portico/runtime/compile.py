@@ -16,7 +16,9 @@ from portico.config.model import Config
 from portico.config.routes import HeaderMatch, Redirect, Route, covers, describe
 from portico.config.routes import RequestId as RequestIdConfig
 from portico.policy.retry import RetryPolicy
+from portico.runtime.auth import SecurityStores, auth_stages
 from portico.runtime.compress import DEFAULT_TYPES, Compress, available
+from portico.runtime.cors import Cors
 from portico.runtime.request import Template
 from portico.runtime.routes import (
     KIND_PROXY,
@@ -46,7 +48,7 @@ from portico.runtime.stages import (
     StickyCookie,
 )
 from portico.runtime.static import StaticSpec
-from portico.runtime.traffic import TrafficStores, traffic_stages
+from portico.runtime.traffic import IpRules, TrafficStores, traffic_stages
 from portico.runtime.waf import waf_stages
 
 if TYPE_CHECKING:
@@ -94,6 +96,7 @@ def compile_route(
     request_id: RequestIdConfig | None,
     traffic: Sequence[Stage] = (),
     waf: Sequence[Stage] = (),
+    security: SecurityStores | None = None,
 ) -> CompiledRoute:
     if route.upstream or route.split:
         kind = KIND_PROXY
@@ -165,7 +168,7 @@ def compile_route(
             cr.reply_body = tpl
     if request_id is not None:
         cr.request_id_header = request_id.header.encode("latin-1")
-    cr.set_stages(_stages(route, request_id, services, traffic, waf))
+    cr.set_stages(_stages(route, request_id, services, traffic, waf, security))
     return cr
 
 
@@ -175,6 +178,7 @@ def _stages(
     services: Mapping[str, Service],
     traffic: Sequence[Stage] = (),
     waf: Sequence[Stage] = (),
+    security: SecurityStores | None = None,
 ) -> list[Stage]:
     """The chain in its fixed order: request ID first (so every later stage and every local
     reply can name it), then traffic control (IP rules, rate and concurrency limits: before
@@ -185,8 +189,15 @@ def _stages(
     rid = RequestId(request_id.header) if request_id is not None else None
     if rid is not None:
         stages.append(rid)
-    stages.extend(traffic)
-    stages.extend(waf)  # after traffic (and authentication), before any rewrite
+    # IP rules, CORS preflight, rate limits, authentication, WAF: docs/security.md "Stage
+    # order".
+    ip = [s for s in traffic if isinstance(s, IpRules)]
+    stages.extend(ip)
+    if route.cors is not None:
+        stages.append(Cors(route.cors))
+    stages.extend(s for s in traffic if not isinstance(s, IpRules))
+    stages.extend(auth_stages(route.auth, security or SecurityStores()))
+    stages.extend(waf)  # after traffic and authentication, before any rewrite
     if route.strip_prefix or route.add_prefix or route.rewrite:
         rw = route.rewrite
         regex, to = (rw.regex, rw.to) if rw else (None, None)
@@ -261,6 +272,7 @@ def compile_routes(
                 r.shed_priority,
             ),
             wafs.get(i, ()),
+            stores.security,
         )
         for i, r in enumerate(effective)
     ]

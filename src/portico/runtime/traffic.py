@@ -30,6 +30,7 @@ from portico.policy.ratelimit import (
     reset_after,
     retry_after,
 )
+from portico.runtime.auth import SecurityStores
 from portico.runtime.limittable import LimitTable, key_hash, table_bytes
 from portico.runtime.request import Headers, RequestState
 from portico.runtime.stages import Hold, LocalReply, Stage
@@ -498,6 +499,8 @@ class TrafficStores:
     counts: LimitTable | None = None
     remote_factory: Callable[[RedisConfig], RemoteLimiter | None] | None = None
     remotes: dict[RedisConfig, RemoteLimiter | None] = field(default_factory=dict)
+    # Authentication's I/O seams and caches (runtime/auth.py), kept across reloads too.
+    security: SecurityStores = field(default_factory=SecurityStores)
 
     def rate_table(self) -> LimitTable:
         if self.rates is None:
