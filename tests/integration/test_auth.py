@@ -579,7 +579,9 @@ def test_concurrent_logins_with_the_same_credentials_share_one_check(
     elapsed = time.perf_counter() - t0
     assert statuses == [200] * 6
     # Six separate checks on the one hash thread would take six checks' time; shared, one.
-    assert elapsed < 2.2 * one_check, (elapsed, one_check)
+    # The bound sits halfway (3.5) so a loaded machine's noise in either measurement (the
+    # reference check here, the shared one in Portico) cannot flip the verdict.
+    assert elapsed < 3.5 * one_check, (elapsed, one_check)
 
 
 def test_stage_order_ip_rules_cors_rate_limit_auth(
