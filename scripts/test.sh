@@ -65,4 +65,34 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check src tests bench examples
 .venv/bin/mypy
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# The suite runs on both builds of the same source (docs/performance.md): the accelerated one
+# (setup.py: PORTICO_COMPILE=1 compiles the hot modules with mypyc) installed, not editable,
+# into .venv-fast, then the pure-Python one in .venv. PORTICO_BUILDS="pure" (or "fast") runs
+# one of them only, for a quicker local run.
+for build in ${PORTICO_BUILDS:-fast pure}; do
+  case "$build" in
+    fast)
+      if [ ! -x .venv-fast/bin/pip ]; then
+        "$PYTHON" -m venv --clear .venv-fast
+      fi
+      .venv-fast/bin/python -m pip install -q --disable-pip-version-check '.[test]' \
+        mypy setuptools wheel
+      PORTICO_COMPILE=1 .venv-fast/bin/python -m pip install -q --disable-pip-version-check \
+        --no-build-isolation --no-deps --force-reinstall .
+      # Fail here, not in the middle of the suite, if the compiled modules are not the ones
+      # imported.
+      .venv-fast/bin/python -c 'import sys, portico.dataplane.proxy as m; \
+sys.exit(0 if m.__file__.endswith(".so") else "accelerated build not in use: " + m.__file__)'
+      echo "== suite on the accelerated (mypyc) build" >&2
+      .venv-fast/bin/python -m pytest -q -p no:cacheprovider "$@"
+      ;;
+    pure)
+      echo "== suite on the pure-Python build" >&2
+      .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+      ;;
+    *)
+      echo "PORTICO_BUILDS: unknown build $build (fast or pure)" >&2
+      exit 2
+      ;;
+  esac
+done
