@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portico.config.load import load_file
 from portico.config.model import Config
@@ -49,6 +49,9 @@ from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import KIND_PROXY, KIND_STATIC
 from portico.runtime.snapshot import Snapshot, compile_config
 from portico.runtime.traffic import connection_limits
+
+if TYPE_CHECKING:
+    from portico.dataplane.tlslisten import TlsListeners
 
 log = logging.getLogger("portico")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
@@ -189,6 +192,11 @@ class Serving:
             self.ctx.conn_limits = connection_limits(config.traffic, snapshot.traffic)
         self.servers: list[asyncio.Server] = []
         self._flusher: asyncio.TimerHandle | None = None
+        self.tls: TlsListeners | None = None
+        if config.tls:  # imported only then: plain HTTP loads no TLS code
+            from portico.dataplane.tlslisten import TlsListeners
+
+            self.tls = TlsListeners(config, self.ctx)
 
     async def bind(self, reuse_port: bool) -> None:
         config = self.config
@@ -201,6 +209,8 @@ class Serving:
             self.servers.append(server)
             host, port = sock.getsockname()[:2]
             log.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
+        if self.tls is not None:
+            self.servers += await self.tls.bind(reuse_port, config.server.backlog)
         self._flusher = self.loop.call_later(ACCESS_LOG_FLUSH, self._flush)
 
     def _flush(self) -> None:
@@ -221,6 +231,8 @@ class Serving:
         old_log, ctx.access_log = ctx.access_log, _open_access_log(config)
         if old_log is not None:
             old_log.close()
+        if self.tls is not None:
+            self.tls.apply(config)
         self.config = config
 
     async def stop(self, grace: float, immediate: asyncio.Event) -> None:
@@ -229,6 +241,8 @@ class Serving:
         await _drain(self.ctx, self.servers, grace, immediate)
         if self._flusher is not None:
             self._flusher.cancel()
+        if self.tls is not None:
+            self.tls.close()
         if self.ctx.access_log is not None:
             self.ctx.access_log.close()
 
@@ -527,7 +541,7 @@ def _worker_entry(
 
 
 def _check_bindable(config: Config) -> None:
-    for address in config.server.listen:
+    for address in [*config.server.listen, *(a for t in config.tls for a in t.listen)]:
         # Without SO_REUSEPORT: a port another process holds, even one that shares it (a
         # second Portico), is refused here, so the port is only ever shared by our workers.
         bind_socket(address, reuse_port=False, backlog=1).close()

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from portico.config.tls import Hsts, hsts_flag
 from portico.config.traffic import (
     CONCURRENCY,
     IP_ALLOW,
@@ -458,10 +459,18 @@ class Route(Strict):
     ip_allow: AllowList = Field(None, description=IP_ALLOW)
     ip_deny: list[Network] = Field(default_factory=list, description=IP_DENY)
 
+    hsts: Hsts | None = Field(
+        None, description="Strict-Transport-Security on this route's HTTPS responses"
+    )
     upgrades: list[str] = Field(
         default_factory=lambda: ["websocket"],
         description="Upgrade protocols tunnelled; others are stripped from the request",
     )
+
+    @field_validator("hsts", mode="before")
+    @classmethod
+    def _hsts_flag(cls, v: object) -> object:
+        return hsts_flag(v)
 
     @field_validator("compress", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ Problems are ``(key path, reason)`` like config problems, so they print the same
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 
 from portico.config.model import Config
@@ -23,6 +24,10 @@ def check_environment(config: Config, *, strict: bool = False) -> list[tuple[str
     if config.server.pid_file and (why := unwritable(config.server.pid_file)) is not None:
         problems.append(("server.pid_file", why))
     problems.extend(check_apps(config))
+    if config.tls:
+        from portico.control.tlscheck import check_tls
+
+        problems.extend(check_tls(config, dt.datetime.now(dt.UTC))[0])
     if strict:
         # Imported here: `portico check` without --strict loads nothing of the data plane.
         from portico.dataplane.listener import bind_socket

@@ -46,6 +46,7 @@ from portico.runtime.stages import (
     StickyCookie,
 )
 from portico.runtime.static import StaticSpec
+from portico.runtime.tlsstages import tls_stages
 from portico.runtime.traffic import TrafficStores, traffic_stages
 
 if TYPE_CHECKING:
@@ -242,7 +243,8 @@ def compile_routes(
             i,
             services,
             rid,
-            traffic_stages(
+            tls_stages(config, r)
+            + traffic_stages(
                 config,
                 r,
                 route_name(r, i),

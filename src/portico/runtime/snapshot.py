@@ -22,6 +22,7 @@ from portico.policy.retry import RetryBudget, RetryPolicy
 from portico.runtime.compile import compile_routes
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import Router
+from portico.runtime.tlsstages import stripped_request_headers
 from portico.runtime.traffic import TrafficStores
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -102,6 +103,8 @@ class ForwardingPolicy:
     forwarded: bool
     via: bytes | None  # the Via value to add, e.g. b"1.1 portico"
     trusted: list[IPNetwork] = field(default_factory=list)
+    # Request headers dropped from every client (client-certificate headers Portico sets).
+    strip: frozenset[bytes] | None = None
 
     def trusts(self, ip: str) -> bool:
         if not self.trusted:
@@ -232,6 +235,7 @@ def compile_config(
         forwarded=fw.forwarded,
         via=b"1.1 " + fw.via_name.encode("ascii") if fw.via else None,
         trusted=[ipaddress.ip_network(n, strict=False) for n in fw.trusted_proxies],
+        strip=stripped_request_headers(config),
     )
     if traffic is None:
         traffic = previous.traffic if previous is not None else None
