@@ -140,10 +140,12 @@ def test_plain_http_redirects_to_https_except_acme(site: tuple[Site, PorticoProc
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 ")
     # Over HTTPS: no redirect, and HSTS.
-    with socket.create_connection(("127.0.0.1", s.tls), timeout=5) as raw:
-        with s.ctx.wrap_socket(raw, server_hostname="a.test") as tls:
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
-            head = tls.recv(65536).decode()
+    with (
+        socket.create_connection(("127.0.0.1", s.tls), timeout=5) as raw,
+        s.ctx.wrap_socket(raw, server_hostname="a.test") as tls,
+    ):
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        head = tls.recv(65536).decode()
     assert head.startswith("HTTP/1.1 200 ")
     assert "Strict-Transport-Security: max-age=600\r\n" in head
 

@@ -66,19 +66,21 @@ def fetch(
     timeout: float = 5.0,
 ) -> Fetched:
     """One request over a new TLS connection to 127.0.0.1:``port`` (Connection: close)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
-        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
-            der = tls.getpeercert(binary_form=True) or b""
-            host = server_name or "127.0.0.1"
-            tls.sendall(
-                f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
-                .encode()
-            )
-            data = b""
-            while chunk := tls.recv(65536):
-                data += chunk
-            if not data:
-                raise ConnectionError("closed without a response")
-            head, _, body = data.partition(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            return Fetched(status, body, der, tls.version(), tls.selected_alpn_protocol())
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True) or b""
+        host = server_name or "127.0.0.1"
+        tls.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
+            .encode()
+        )
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+        if not data:
+            raise ConnectionError("closed without a response")
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        return Fetched(status, body, der, tls.version(), tls.selected_alpn_protocol())

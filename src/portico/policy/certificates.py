@@ -78,14 +78,6 @@ def inspect(
     chain = load_chain(cert_pem)
     leaf = chain[0]
     facts = CertFacts(names_of(leaf), leaf.not_valid_before_utc, leaf.not_valid_after_utc)
-    if not facts.names:
-        facts.errors.append("the certificate names no host (no subjectAltName DNS name or CN)")
-    if now < facts.not_before:
-        facts.errors.append(f"not valid before {facts.not_before:%Y-%m-%d %H:%M} UTC")
-    if now >= facts.not_after:
-        facts.errors.append(f"expired on {facts.not_after:%Y-%m-%d %H:%M} UTC")
-    elif facts.not_after - now < EXPIRY_WARNING:
-        facts.warnings.append(f"expires on {facts.not_after:%Y-%m-%d %H:%M} UTC")
     for i in range(len(chain) - 1):
         # Each certificate must be issued by the next one: leaf, intermediate, ... (RFC 8446
         # 4.4.2). Clients that do not reorder fail on a chain written the other way round.
@@ -95,6 +87,14 @@ def inspect(
                 f" certificate {i + 2} (the leaf comes first, then its issuer)"
             )
             break
+    if not facts.names:
+        facts.errors.append("the certificate names no host (no subjectAltName DNS name or CN)")
+    if now < facts.not_before:
+        facts.errors.append(f"not valid before {facts.not_before:%Y-%m-%d %H:%M} UTC")
+    if now >= facts.not_after:
+        facts.errors.append(f"expired on {facts.not_after:%Y-%m-%d %H:%M} UTC")
+    elif facts.not_after - now < EXPIRY_WARNING:
+        facts.warnings.append(f"expires on {facts.not_after:%Y-%m-%d %H:%M} UTC")
     if key_pem is not None:
         try:
             key = load_key(key_pem, password)
