@@ -18,7 +18,7 @@ from pydantic import (
 
 from portico.config.apps import App, Autoscale, Discover, DockerRun
 from portico.config.routes import RequestId, Route
-from portico.config.tls import Hsts, TlsListener, hsts_flag
+from portico.config.tls import BackendTls, Hsts, TlsListener, hsts_flag
 from portico.config.traffic import (
     CONCURRENCY,
     IP_ALLOW,
@@ -135,8 +135,8 @@ class Backend(Strict):
     @classmethod
     def _check_url(cls, v: str) -> str:
         parts = urlsplit(v)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError("not a URL (expected http://host:port)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not a URL (expected http://host:port or https://host:port)")
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError:
@@ -148,7 +148,11 @@ class Backend(Strict):
     @property
     def address(self) -> tuple[str, int]:
         parts = urlsplit(self.url)
-        return parts.hostname or "127.0.0.1", parts.port or 80
+        return parts.hostname or "127.0.0.1", parts.port or (443 if self.is_https else 80)
+
+    @property
+    def is_https(self) -> bool:
+        return self.url.startswith("https:")
 
 
 class UpstreamTimeouts(Strict):
@@ -277,6 +281,9 @@ class Upstream(Strict):
     )
     max_requests: int | None = Field(
         None, ge=1, description="circuit breaker: concurrent requests per endpoint (per worker)"
+    )
+    tls: BackendTls | None = Field(
+        None, description="TLS to https:// backends (verify, CA, SNI name, client cert)"
     )
 
     @model_validator(mode="after")

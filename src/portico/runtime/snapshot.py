@@ -23,6 +23,7 @@ from portico.runtime.compile import compile_routes
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import Router
 from portico.runtime.tlsstages import stripped_request_headers
+from portico.runtime.tlstarget import https_host, tls_target
 from portico.runtime.traffic import TrafficStores
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -144,6 +145,7 @@ def _compile_service(
         else:
             ep.weight = backend.weight
             ep.backup = backend.backup
+        ep.tls = tls_target(up, backend)
         endpoints.append(ep)
     outlier: OutlierDetector | None = None
     od = up.outlier
@@ -171,7 +173,7 @@ def _compile_service(
         name=name,
         endpoints=endpoints,
         balancer=balancer,
-        host_override=up.host.encode("idna") if up.host else None,
+        host_override=up.host.encode("idna") if up.host else https_host(up),
         connect_timeout=up.timeouts.connect,
         response_header_timeout=up.timeouts.response_header,
         body_idle_timeout=up.timeouts.body_idle,
