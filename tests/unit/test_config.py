@@ -270,7 +270,6 @@ def test_problem_paths(text: str, expected: tuple[str, str]) -> None:
     [
         # A plain string is reported at its own index, not at a synthetic ".url".
         ('"127.0.0.1:5002"', ("[1]", "not a URL (expected http://host:port)")),
-        ('"https://h:1"', ("[1]", "not a URL (expected http://host:port)")),
         ('"http://h:99999"', ("[1]", "not a URL: bad port")),
         (
             '"http://h:1/api"',

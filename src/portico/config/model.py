@@ -136,7 +136,7 @@ class Backend(Strict):
     def _check_url(cls, v: str) -> str:
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("not a URL (expected http://host:port or https://host:port)")
+            raise ValueError("not a URL (expected http://host:port)")  # or https://
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError:
