@@ -105,7 +105,12 @@ def with_secrets(config: Config) -> Config:
             sticky = up.sticky.model_copy(update={"secret": secrets.token_hex(32)})
             up = up.model_copy(update={"sticky": sticky})
         upstreams[name] = up
-    return config.model_copy(update={"upstreams": upstreams})
+    # Session-ticket secrets too: every worker derives the same ticket keys (dataplane.tls).
+    tls = [
+        t if t.ticket_secret else t.model_copy(update={"ticket_secret": secrets.token_hex(32)})
+        for t in config.tls
+    ]
+    return config.model_copy(update={"upstreams": upstreams, "tls": tls})
 
 
 @dataclass(slots=True)
@@ -146,7 +151,14 @@ def prepare_reload(current: Config, new: Config) -> tuple[Config, ReloadResult]:
             upstreams[name] = up.model_copy(
                 update={"sticky": up.sticky.model_copy(update={"secret": old.sticky.secret})}
             )
-    config = with_secrets(new.model_copy(update={"server": server, "upstreams": upstreams}))
+    # Ticket secrets carry over too, so a reload does not end resumable sessions.
+    tls = list(new.tls)
+    for i, (t, was) in enumerate(zip(new.tls, current.tls, strict=False)):
+        if not t.ticket_secret and was.listen == t.listen:
+            tls[i] = t.model_copy(update={"ticket_secret": was.ticket_secret})
+    config = with_secrets(
+        new.model_copy(update={"server": server, "upstreams": upstreams, "tls": tls})
+    )
     changed = [
         name for name in Config.model_fields if getattr(config, name) != getattr(current, name)
     ]

@@ -168,3 +168,31 @@ def test_proxy_flags_make_a_tls_listener() -> None:
     assert config.server.listen == []
     assert config.tls[0].listen == ["127.0.0.1:8443"]
     assert [c.cert for c in config.tls[0].certs] == ["a.pem", "b.pem"]
+
+
+def test_ticket_keys_agree_per_period_and_rotate() -> None:
+    from portico.policy.tickets import ROTATE_EVERY, TICKET_KEY_BYTES, period, ticket_key
+
+    now = 1_700_000_000.0
+    assert period(now) == period(now + 1) or period(now + 1) == period(now) + 1
+    assert period(now + ROTATE_EVERY) == period(now) + 1
+    key = ticket_key(b"s", period(now))
+    assert len(key) == TICKET_KEY_BYTES
+    assert key == ticket_key(b"s", period(now))  # another process derives the same
+    assert key != ticket_key(b"s", period(now) + 1)
+    assert key != ticket_key(b"t", period(now))
+
+
+def test_openssl_settings_through_ctypes_are_verified_first() -> None:
+    import ssl
+
+    from portico.dataplane import openssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if not openssl.available():
+        pytest.skip("libssl is not reachable through ctypes here")
+    assert openssl.set_groups(ctx, "X25519:prime256v1")
+    assert not openssl.set_groups(ctx, "no-such-group")
+    assert openssl.set_ticket_key(ctx, bytes(80))
+    with pytest.raises(ValueError):
+        openssl.set_ticket_key(ctx, bytes(48))

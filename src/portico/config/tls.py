@@ -75,6 +75,12 @@ class TlsListener(Strict):
     )
     client_auth: ClientAuth | None = Field(None, description="client certificates; unset = off")
     session_tickets: bool = Field(True, description="TLS session resumption by tickets")
+    ticket_secret: str | None = Field(
+        None,
+        description="secret the session-ticket keys derive from; unset = random per start"
+        " (shared by the workers); the same value on several gateways lets them resume"
+        " each other's sessions",
+    )
 
     @field_validator("listen", mode="before")
     @classmethod

@@ -25,16 +25,19 @@ import hashlib
 import logging
 import os
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
 
 from portico.config.tls import CertFile, ClientAuth, TlsListener
+from portico.dataplane import openssl
 from portico.dataplane.connection import ClientConnection
 from portico.dataplane.context import ProxyContext
 from portico.policy.certificates import inspect
 from portico.policy.certnames import NameTable
+from portico.policy.tickets import period, ticket_key
 from portico.policy.tlsprofile import TLS12, Profile, profile
 
 log = logging.getLogger("portico.tls")
@@ -75,6 +78,8 @@ def new_context(prof: Profile, client_auth: ClientAuth | None, tickets: bool) ->
     if not tickets:
         ctx.options |= ssl.OP_NO_TICKET
     ctx.set_alpn_protocols(list(prof.alpn))
+    if not openssl.set_groups(ctx, prof.groups):
+        log.debug("cannot restrict key-exchange groups: OpenSSL's defaults apply")
     if client_auth is not None:
         ctx.load_verify_locations(cafile=client_auth.ca)
         ctx.verify_mode = ssl.CERT_REQUIRED if client_auth.mode == "require" else ssl.CERT_OPTIONAL
@@ -149,6 +154,27 @@ class CertStore:
         self.base.load_cert_chain(default.cert, default.key, password=read_password(default))
         self.base.sni_callback = self._on_sni
         self.handshakes = 0
+        self.ticket_epoch = -1
+        self.rotate_tickets(time.time())
+
+    def rotate_tickets(self, now: float) -> None:
+        """Install the ticket key of the period ``now`` is in (policy.tickets), if new.
+        Tickets are encrypted with the base context's key: OpenSSL keeps the first context
+        of a connection as its session context, whatever SNI switches to."""
+        secret = self.listener.ticket_secret
+        if not self.listener.session_tickets or not secret:
+            return
+        epoch = period(now)
+        if epoch == self.ticket_epoch:
+            return
+        if openssl.set_ticket_key(self.base, ticket_key(secret.encode(), epoch)):
+            self.ticket_epoch = epoch
+        elif self.ticket_epoch == -1:
+            self.ticket_epoch = epoch  # say it once
+            log.warning(
+                "%s: cannot set session-ticket keys (OpenSSL not reachable through ctypes):"
+                " each worker resumes only its own sessions", self.key
+            )
 
     def _load(self, listener: TlsListener) -> NameTable[LoadedCert]:
         prof = profile(listener.profile)

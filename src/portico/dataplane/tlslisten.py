@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from portico.config.model import Config
 from portico.dataplane.context import ProxyContext
@@ -17,6 +18,9 @@ from portico.dataplane.listener import bind_socket
 from portico.dataplane.tls import CertStore, connection_factory
 
 log = logging.getLogger("portico.tls")
+
+# Seconds between looks at the clock for a session-ticket key rotation (policy.tickets).
+TICKET_CHECK = 60.0
 
 
 class TlsListeners:
@@ -51,13 +55,14 @@ class TlsListeners:
 
     def _arm(self) -> None:
         every = [s.listener.reload_check for s in self.stores if s.listener.reload_check > 0]
-        if every:
-            self._timer = self.loop.call_later(min(every), self._check_files)
+        self._timer = self.loop.call_later(min([*every, TICKET_CHECK]), self._check)
 
-    def _check_files(self) -> None:
+    def _check(self) -> None:
+        now = time.time()
         for store in self.stores:
             if store.listener.reload_check > 0 and store.changed_on_disk():
                 store.reload()
+            store.rotate_tickets(now)
         self._arm()
 
     def apply(self, config: Config) -> None:

@@ -27,6 +27,11 @@ INTERMEDIATE_CIPHERS = ":".join(
 )
 
 
+# Key exchange groups, both profiles (OpenSSL's default list adds x448, P-521 and the
+# finite-field groups, which Mozilla leaves out).
+MOZILLA_GROUPS = "X25519:prime256v1:secp384r1"
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
     name: str
@@ -34,6 +39,7 @@ class Profile:
     max_version: str
     ciphers: str | None  # TLS 1.2 cipher string; None when 1.2 is off
     alpn: tuple[str, ...] = ("http/1.1",)
+    groups: str = MOZILLA_GROUPS
 
 
 PROFILES: dict[str, Profile] = {
