@@ -51,6 +51,7 @@ from portico.runtime.snapshot import Snapshot, compile_config
 from portico.runtime.traffic import connection_limits
 
 if TYPE_CHECKING:
+    from portico.control.acme import CertManager
     from portico.dataplane.tlslisten import TlsListeners
 
 log = logging.getLogger("portico")
@@ -327,6 +328,7 @@ class Gateway:
         self._snapshot: Snapshot | None = None  # the master's own (no Serving there)
         self.control: Control | None = None
         self._reload_pending = False  # a SIGHUP that came before start() finished
+        self.certs: CertManager | None = None  # automatic certificates (control.acme)
 
     def snapshot(self) -> Snapshot:
         if self.serving is not None:
@@ -349,8 +351,20 @@ class Gateway:
             self.master = _Master(self)
             self.master.start()
         self.control.start()
+        if any(t.auto is not None for t in config.tls):
+            from portico.control.acme import CertManager
+
+            self.certs = CertManager(config, self._publish_tls)
+            self.certs.start()
         if self._reload_pending:
             self.reload_from_source()
+
+    def _publish_tls(self, message: tuple[Any, ...]) -> None:
+        """Certificates and challenge answers from ``control.acme`` to whoever serves."""
+        if self.serving is not None and self.serving.tls is not None:
+            self.serving.tls.on_message(message)
+        if self.master is not None:
+            self.master.bus.publish(message)
 
     def _on_transition(self, upstream: str, ep: Endpoint, transition: Transition) -> None:
         log_transition(upstream, ep, transition)
@@ -416,6 +430,8 @@ class Gateway:
         ``immediate`` (a second Ctrl-C) cuts every wait short; instances are still stopped."""
         immediate = immediate or asyncio.Event()
         assert self.control is not None
+        if self.certs is not None:
+            self.certs.stop()
         self.control.stop_checks()
         if self.serving is not None:
             await self.serving.stop(self.config.server.shutdown_grace, immediate)
@@ -476,7 +492,10 @@ async def run_dataplane(
         managed.update(managed_upstreams(new))
         log.info("worker %d runs the reloaded config", os.getpid())
 
-    stop_bus = follow_master(state_pipe, loop, lambda: serving.ctx.snapshot, managed, on_config)
+    on_tls = serving.tls.on_message if serving.tls is not None else None
+    stop_bus = follow_master(
+        state_pipe, loop, lambda: serving.ctx.snapshot, managed, on_config, on_tls
+    )
     await signals.graceful.wait()
     stop_bus()
     await serving.stop(serving.config.server.shutdown_grace, signals.immediate)
@@ -575,6 +594,10 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
             raise StartupError(f"pid file: {exc}") from None
         if note:
             log.info("%s", note)
+    if any(t.auto is not None for t in config.tls):
+        from portico.control.acme import prepare
+
+        prepare(config)  # placeholder certificates until the first issuance
     try:
         if config.server.workers == 1:
             return run_worker(config, reuse_port=False, source=source)

@@ -196,3 +196,27 @@ def test_openssl_settings_through_ctypes_are_verified_first() -> None:
     assert openssl.set_ticket_key(ctx, bytes(80))
     with pytest.raises(ValueError):
         openssl.set_ticket_key(ctx, bytes(48))
+
+
+def test_renewal_timing() -> None:
+    from portico.policy.renewal import (
+        Validity,
+        needs_certificate,
+        next_attempt,
+        renew_time,
+        retry_delay,
+    )
+
+    v = Validity(0.0, 90.0)
+    assert renew_time(v, 2 / 3, 0.0) == pytest.approx(60.0)
+    assert renew_time(v, 2 / 3, 0.999) == pytest.approx(64.5, abs=0.01)  # 5% jitter at most
+    assert not needs_certificate(v, 59.0, 2 / 3, 0.0)
+    assert needs_certificate(v, 61.0, 2 / 3, 0.0)
+    assert needs_certificate(None, 0.0, 2 / 3, 0.0)
+    assert needs_certificate(v, 90.0, 2 / 3, 0.0)  # expired
+    assert next_attempt(v, 10.0, 2 / 3, 0.0, 0, 1.0, 8.0) == pytest.approx(60.0)
+    assert next_attempt(None, 10.0, 2 / 3, 0.0, 0, 1.0, 8.0) == 10.0
+    assert [retry_delay(n, 1.0, 8.0) for n in (1, 2, 3, 4, 5)] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    # After failures the back-off holds, but a valid certificate is retried before its end.
+    assert next_attempt(None, 10.0, 2 / 3, 0.0, 3, 1.0, 8.0) == 14.0
+    assert next_attempt(v, 80.0, 2 / 3, 0.0, 5, 1.0, 3600.0) == pytest.approx(85.0)

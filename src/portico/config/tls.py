@@ -54,6 +54,45 @@ class ClientAuth(Strict):
         return v
 
 
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+class AutoCerts(Strict):
+    """Certificates Portico obtains and renews itself: from an ACME directory (RFC 8555), or
+    from its own internal CA for local development."""
+
+    names: list[str] = Field(description="DNS names of the certificate (the first is its name)")
+    issuer: Literal["acme", "internal"] = Field(
+        "acme", description="acme: from `directory`; internal: Portico's own local CA"
+    )
+    directory: str = Field(LETS_ENCRYPT, description="ACME directory URL")
+    directory_ca: str | None = Field(
+        None, description="PEM CA file to verify the directory's HTTPS with; unset = system"
+    )
+    email: str | None = Field(None, description="contact of the ACME account")
+    challenge: Literal["http-01", "tls-alpn-01"] = Field(
+        "http-01", description="http-01: on a plain listener, port 80; tls-alpn-01: port 443"
+    )
+    state_dir: str = Field(
+        "portico-certs", description="directory for the account key, certificates and keys"
+    )
+    renew_at: float = Field(
+        2 / 3, gt=0, lt=1, description="renew once this share of the lifetime has passed"
+    )
+    retry_min: PositiveSeconds = Field(60.0, description="first wait after a failed attempt")
+    retry_max: PositiveSeconds = Field(3600.0, description="longest wait between attempts")
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one name is needed")
+        for name in v:
+            if not name or any(c in name for c in "/ :") or name.startswith("*"):
+                raise ValueError(f"{name!r} is not a DNS name (no wildcards: HTTP-01 cannot)")
+        return v
+
+
 class TlsListener(Strict):
     """Addresses that speak HTTPS, with the certificates they serve."""
 
@@ -74,6 +113,9 @@ class TlsListener(Strict):
         2.0, description="seconds between checks of the certificate files; 0 = SIGHUP only"
     )
     client_auth: ClientAuth | None = Field(None, description="client certificates; unset = off")
+    auto: AutoCerts | None = Field(
+        None, description="a certificate Portico obtains and renews (ACME or internal CA)"
+    )
     session_tickets: bool = Field(True, description="TLS session resumption by tickets")
     ticket_secret: str | None = Field(
         None,
@@ -91,11 +133,21 @@ class TlsListener(Strict):
     def _certs(self) -> TlsListener:
         if not self.listen:
             raise ValueError("listen: at least one address is needed")
-        if not self.certs:
-            raise ValueError("certs: at least one certificate is needed")
-        if self.default_cert >= len(self.certs):
-            raise ValueError(f"default_cert: there are {len(self.certs)} certificate(s)")
+        if not self.certs and self.auto is None:
+            raise ValueError("certs: at least one certificate is needed (or auto)")
+        if self.default_cert >= len(self.all_certs()):
+            raise ValueError(f"default_cert: there are {len(self.all_certs())} certificate(s)")
         return self
+
+    def all_certs(self) -> list[CertFile]:
+        """The configured certificates, then the automatic one (files in its state dir)."""
+        return [*self.certs, *([auto_files(self.auto)] if self.auto is not None else [])]
+
+
+def auto_files(auto: AutoCerts) -> CertFile:
+    """Where the automatic certificate of ``auto`` lives: one directory per first name."""
+    base = f"{auto.state_dir}/{auto.issuer}/{auto.names[0]}"
+    return CertFile(cert=f"{base}/fullchain.pem", key=f"{base}/key.pem")
 
 
 class Hsts(Strict):

@@ -75,6 +75,8 @@ def check_tls(config: Config, now: dt.datetime) -> tuple[Problems, Problems]:
             problems += p
             warnings += w
             entries.append((names, j))
+        if listener.auto is not None:
+            entries.append((list(listener.auto.names), len(entries)))
         tables.append(NameTable(entries, -1))
         auth = listener.client_auth
         if auth is not None and isinstance(why := _read(auth.ca), str):

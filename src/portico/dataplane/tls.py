@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import ssl
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ def load_cert(
 
 def _mtimes(listener: TlsListener) -> tuple[float, ...]:
     stamps: list[float] = []
-    for cf in listener.certs:
+    for cf in listener.all_certs():
         for path in (cf.cert, cf.key, cf.password_file):
             if path:
                 try:
@@ -150,10 +151,12 @@ class CertStore:
         # The base context: the default certificate too, for a client whose handshake never
         # reaches the callback's switch (it always does in OpenSSL 1.1.1+, even without SNI).
         self.base = new_context(prof, listener.client_auth, listener.session_tickets)
-        default = listener.certs[listener.default_cert]
+        default = listener.all_certs()[listener.default_cert]
         self.base.load_cert_chain(default.cert, default.key, password=read_password(default))
         self.base.sni_callback = self._on_sni
         self.handshakes = 0
+        # TLS-ALPN-01 answers (RFC 8737) by name, served while an ACME order is pending.
+        self.challenges: dict[str, ssl.SSLContext] = {}
         self.ticket_epoch = -1
         self.rotate_tickets(time.time())
 
@@ -181,10 +184,13 @@ class CertStore:
         now = dt.datetime.now(dt.UTC)
         loaded = [
             load_cert(
-                cf, f"{self.key}.certs[{i}]", prof, listener.client_auth,
+                cf,
+                f"{self.key}.certs[{i}]" if i < len(listener.certs) else f"{self.key}.auto",
+                prof,
+                listener.client_auth,
                 listener.session_tickets, now,
             )
-            for i, cf in enumerate(listener.certs)
+            for i, cf in enumerate(listener.all_certs())
         ]
         return NameTable(((c.names, c) for c in loaded), loaded[listener.default_cert])
 
@@ -192,7 +198,30 @@ class CertStore:
         self, sslobj: ssl.SSLObject | ssl.SSLSocket, name: str | None, base: ssl.SSLContext
     ) -> None:
         self.handshakes += 1
+        if self.challenges and name:
+            answer = self.challenges.get(name.lower())
+            if answer is not None:
+                sslobj.context = answer
+                return
         sslobj.context = self.table.select(name).context
+
+    def set_challenge(self, name: str, pems: tuple[bytes, bytes] | None) -> None:
+        """Serve (or stop serving) a TLS-ALPN-01 answer for ``name``."""
+        if pems is None:
+            self.challenges.pop(name.lower(), None)
+            return
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(["acme-tls/1"])
+        # ssl loads certificates from files only: a private temporary directory it is.
+        with tempfile.TemporaryDirectory(prefix="portico-alpn-") as tmp:
+            cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+            with open(cert, "wb") as f:
+                f.write(pems[0])
+            with open(key, "wb") as f:
+                f.write(pems[1])
+            ctx.load_cert_chain(cert, key)
+        self.challenges[name.lower()] = ctx
 
     def reload(self, listener: TlsListener | None = None) -> bool:
         """Load the files again (of ``listener``, a reloaded config's, or the running one).

@@ -11,11 +11,13 @@ import asyncio
 import logging
 import os
 import time
+from typing import Any
 
 from portico.config.model import Config
 from portico.dataplane.context import ProxyContext
 from portico.dataplane.listener import bind_socket
 from portico.dataplane.tls import CertStore, connection_factory
+from portico.runtime.tlsstages import HTTP01
 
 log = logging.getLogger("portico.tls")
 
@@ -76,6 +78,23 @@ class TlsListeners:
             for store, listener in zip(self.stores, config.tls, strict=True):
                 store.reload(listener)
         self.config = config
+
+    def on_message(self, message: tuple[Any, ...]) -> None:
+        """An ``("acme", kind, what, value)`` message from ``control.acme`` (directly, or
+        from the master over the bus): challenge answers, and "load the new certificate"."""
+        _, kind, what, value = message
+        if kind == "http-01":
+            if value is None:
+                HTTP01.tokens.pop(what.encode("ascii"), None)
+            else:
+                HTTP01.tokens[what.encode("ascii")] = value.encode("ascii")
+        elif kind == "tls-alpn-01":
+            for store in self.stores:
+                store.set_challenge(what, value)
+        elif kind == "reload":
+            for store in self.stores:
+                if store.key == what:
+                    store.reload()
 
     def close(self) -> None:
         if self._timer is not None:

@@ -30,6 +30,40 @@ def _came_over_https(req: RequestState) -> bool:
     return False
 
 
+class ChallengeTokens:
+    """ACME HTTP-01 answers this process serves: token -> key authorization. One per
+    process (``HTTP01``), written by ``control.acme`` directly (one process) or by the worker
+    that receives them from the master over the bus; read by ``AcmeHttp01``."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self) -> None:
+        self.tokens: dict[bytes, bytes] = {}
+
+
+HTTP01 = ChallengeTokens()
+
+
+class AcmeHttp01(Stage):
+    """Answers ``/.well-known/acme-challenge/TOKEN`` for a pending ACME order (RFC 8555
+    8.3); any other path, or an unknown token, goes on down the chain."""
+
+    __slots__ = ("table",)
+    on_request_hook = True
+
+    def __init__(self, table: ChallengeTokens) -> None:
+        self.table = table
+
+    def on_request(self, req: RequestState) -> LocalReply | None:
+        path = req.path
+        if not path.startswith(ACME_CHALLENGE_PREFIX):
+            return None
+        answer = self.table.tokens.get(path[len(ACME_CHALLENGE_PREFIX) :])
+        if answer is None:
+            return None
+        return LocalReply(200, [(b"Content-Type", b"application/octet-stream")], answer)
+
+
 class HttpsRedirect(Stage):
     __slots__ = ("location",)
     on_request_hook = True
@@ -70,6 +104,11 @@ def https_port(config: Config) -> int:
 def tls_stages(config: Config, route: Route) -> list[Stage]:
     """The TLS stages of one route, in chain order; empty when TLS asks nothing of it."""
     stages: list[Stage] = []
+    if any(
+        t.auto is not None and t.auto.issuer == "acme" and t.auto.challenge == "http-01"
+        for t in config.tls
+    ):
+        stages.append(AcmeHttp01(HTTP01))
     if config.https_redirect:
         stages.append(HttpsRedirect(https_port(config)))
     hsts = route.hsts if route.hsts is not None else config.hsts
