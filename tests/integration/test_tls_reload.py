@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,20 @@ def test_replacement_under_load_fails_no_request(
         try:
             wait_until(lambda: len(served) > 20, 10, message="load running")
             new = CertFiles.write(ca, tmp_path, "new", "site.test")
+            good_der = ssl.PEM_cert_to_DER_cert(new.cert.read_text())
             _replace(live, new)
-            wait_until(lambda: served and served[-1] != old_der, 10, message="new cert served")
+            # Every worker has it: ten new connections in a row get it.
+            wait_until(
+                lambda: all(fetch(port, "site.test", ctx).cert_der == good_der for _ in range(10)),
+                10,
+                message="new cert served by every worker",
+            )
             # A broken replacement: a key that is not the certificate's.
             other = CertFiles.write(ca, tmp_path, "other", "site.test")
-            good_der = fetch(port, "site.test", ctx).cert_der
             live.key.write_bytes(other.key.read_bytes())
-            wait_until(lambda: "certificate refused" in proc.output(), 10, message="refusal")
+            refusals = workers  # each process refuses it
+            wait_until(lambda: proc.output().count("certificate refused") >= refusals, 10,
+                       message="refusal")
             assert "does not match" in proc.output()
             n = len(served)
             wait_until(lambda: len(served) > n + 20, 10, message="still serving")

@@ -78,6 +78,18 @@ def check_tls(config: Config, now: dt.datetime) -> tuple[Problems, Problems]:
         if listener.auto is not None:
             entries.append((list(listener.auto.names), len(entries)))
         tables.append(NameTable(entries, -1))
+        auto = listener.auto
+        if auto is not None:
+            state = os.path.abspath(auto.state_dir)
+            existing = state
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+                problems.append((f"tls[{i}].auto.state_dir", f"{existing} is not writable"))
+            if auto.challenge == "http-01" and not config.server.listen and auto.issuer == "acme":
+                problems.append(
+                    (f"tls[{i}].auto.challenge", "http-01 needs a plain listener (server.listen)")
+                )
         auth = listener.client_auth
         if auth is not None and isinstance(why := _read(auth.ca), str):
             problems.append((f"tls[{i}].client_auth.ca", why))

@@ -118,7 +118,10 @@ def load_cert(
     except ValueError as exc:
         raise CertError(f"{key}.cert", f"{cf.cert}: {exc}") from None
     if facts.errors:
-        raise CertError(f"{key}.cert", f"{cf.cert}: {'; '.join(facts.errors)}")
+        # Key-related reasons belong to the key's path (as in ``portico check``).
+        on_key = all("key" in e or "password" in e for e in facts.errors)
+        where, path = ("key", cf.key) if on_key else ("cert", cf.cert)
+        raise CertError(f"{key}.{where}", f"{path}: {'; '.join(facts.errors)}")
     ctx = new_context(prof, auth, tickets)
     try:
         ctx.load_cert_chain(cf.cert, cf.key, password=password)
@@ -154,7 +157,12 @@ class CertStore:
         default = listener.all_certs()[listener.default_cert]
         self.base.load_cert_chain(default.cert, default.key, password=read_password(default))
         self.base.sni_callback = self._on_sni
+        # Counters for the admin API: TCP connections accepted, handshakes completed, and
+        # SNI callbacks run. accepted - established = handshakes cut (garbage, stalled,
+        # timed out, plain HTTP, refused client certificate) or still in progress.
         self.handshakes = 0
+        self.accepted = 0
+        self.established = 0
         # TLS-ALPN-01 answers (RFC 8737) by name, served while an ACME order is pending.
         self.challenges: dict[str, ssl.SSLContext] = {}
         self.ticket_epoch = -1
@@ -239,6 +247,14 @@ class CertStore:
         log.info("%s: certificates loaded for %s", self.key, ", ".join(names))
         return True
 
+    def stats(self) -> dict[str, int]:
+        return {
+            "accepted": self.accepted,
+            "established": self.established,
+            "not_established": self.accepted - self.established,
+            "sni_callbacks": self.handshakes,
+        }
+
     def changed_on_disk(self) -> bool:
         return _mtimes(self.listener) != self.stamps
 
@@ -279,6 +295,7 @@ class TlsClientConnection(ClientConnection):
     def __init__(self, ctx: ProxyContext, store: CertStore) -> None:
         super().__init__(ctx)
         self.store = store
+        store.accepted += 1  # made at accept, before the handshake (asyncio's SSL protocol)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -286,6 +303,7 @@ class TlsClientConnection(ClientConnection):
         if client is None:
             return
         client.proto = b"https"
+        self.store.established += 1
         auth = self.store.listener.client_auth
         if auth is not None:
             client.cert_headers = cert_headers(transport.get_extra_info("ssl_object"), auth)

@@ -96,6 +96,10 @@ class TlsListeners:
                 if store.key == what:
                     store.reload()
 
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Handshake counters per TLS listener, by key (``tls[0]``), for the admin API."""
+        return {store.key: store.stats() for store in self.stores}
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
