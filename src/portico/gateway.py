@@ -329,6 +329,8 @@ class Gateway:
         self.control: Control | None = None
         self._reload_pending = False  # a SIGHUP that came before start() finished
         self.certs: CertManager | None = None  # automatic certificates (control.acme)
+        # Challenge answers being served now, replayed to a worker that starts meanwhile.
+        self.tls_pending: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     def snapshot(self) -> Snapshot:
         if self.serving is not None:
@@ -361,6 +363,12 @@ class Gateway:
 
     def _publish_tls(self, message: tuple[Any, ...]) -> None:
         """Certificates and challenge answers from ``control.acme`` to whoever serves."""
+        _, kind, what, value = message
+        if kind != "reload":
+            if value is None:
+                self.tls_pending.pop((kind, what), None)
+            else:
+                self.tls_pending[(kind, what)] = message
         if self.serving is not None and self.serving.tls is not None:
             self.serving.tls.on_message(message)
         if self.master is not None:
@@ -674,6 +682,8 @@ class _Master:
         assert proc.pid is not None
         self.started[proc.pid] = time.monotonic()
         self.bus.add(proc.pid, ours)
+        for message in self.gateway.tls_pending.values():
+            self.bus.publish(message)  # idempotent for the workers that have it
         return proc
 
     def signal_workers(self, sig: int) -> None:

@@ -220,3 +220,18 @@ def test_renewal_timing() -> None:
     # After failures the back-off holds, but a valid certificate is retried before its end.
     assert next_attempt(None, 10.0, 2 / 3, 0.0, 3, 1.0, 8.0) == 14.0
     assert next_attempt(v, 80.0, 2 / 3, 0.0, 5, 1.0, 3600.0) == pytest.approx(85.0)
+
+
+def test_ticket_secret_is_filled_once_and_kept_by_a_reload() -> None:
+    from portico.gateway import prepare_reload, with_secrets
+
+    data = {"upstreams": {"a": {"backends": ["http://127.0.0.1:1"]}},
+            "tls": [{"listen": "127.0.0.1:8443", "certs": [{"cert": "c", "key": "k"}]}]}
+    running = with_secrets(validate(data))
+    secret = running.tls[0].ticket_secret
+    assert secret and len(secret) == 64
+    reloaded, result = prepare_reload(running, validate(data))
+    assert reloaded.tls[0].ticket_secret == secret  # tickets stay valid across a reload
+    assert "tls" not in result.changed
+    given = validate({**data, "tls": [{**data["tls"][0], "ticket_secret": "shared"}]})
+    assert with_secrets(given).tls[0].ticket_secret == "shared"

@@ -32,12 +32,18 @@ def check_environment(config: Config, *, strict: bool = False) -> list[tuple[str
         # Imported here: `portico check` without --strict loads nothing of the data plane.
         from portico.dataplane.listener import bind_socket
 
-        for i, address in enumerate(config.server.listen):
+        addresses = [(f"server.listen[{i}]", a) for i, a in enumerate(config.server.listen)]
+        addresses += [
+            (f"tls[{i}].listen[{j}]", a)
+            for i, t in enumerate(config.tls)
+            for j, a in enumerate(t.listen)
+        ]
+        for key, address in addresses:
             try:
                 # As the server binds (no SO_REUSEPORT): a port someone holds is taken.
                 bind_socket(address, reuse_port=False, backlog=1).close()
             except StartupError as exc:
-                problems.append((f"server.listen[{i}]", str(exc)))
+                problems.append((key, str(exc)))
     return problems
 
 
