@@ -56,8 +56,9 @@ def request_head(
     host_written = False
     kept_xfh = kept_real_ip = False  # a trusted proxy's own values, passed on as they are
     headers = head.headers
-    if policy.strip is not None:  # client-certificate headers: only Portico sets them
-        headers = [(n, v) for n, v in headers if n.lower() not in policy.strip]
+    strip = policy.strip  # client-certificate header names: only Portico sets them
+    if strip is not None:
+        headers = [(n, v) for n, v in headers if n.lower() not in strip]
     for name, value in headers:
         lname = name.lower()
         if lname in _SKIP_UP or (tokens and lname in tokens):
@@ -117,7 +118,7 @@ def request_head(
         out += (b"Via: ", (via + b", " + v) if via else v, b"\r\n")
     elif via is not None:
         out += (b"Via: ", via, b"\r\n")
-    if client.cert_headers:
+    if strip is not None and client.cert_headers:  # only ever set when strip is
         out.append(client.cert_headers)
     if head.framing == "chunked":
         out.append(b"Transfer-Encoding: chunked\r\n")
