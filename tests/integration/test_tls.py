@@ -247,6 +247,31 @@ def test_bad_handshakes_are_cut_and_others_are_served(site: tuple[Site, PorticoP
             sock.close()
 
 
+def test_cut_handshakes_are_counted(tmp_path: Path) -> None:
+    with RawBackend(echo_http()) as backend:
+        s = Site(tmp_path, backend)
+        proc = PorticoProcess(s.config).start()
+        try:
+            wait_until(lambda: port_accepts(s.tls), 10, message="TLS port")
+            bad = []
+            for payload in (b"", b"\x16\x03\x01\x00\x05garbage-garbage", b"GET / HTTP/1.1\r\n\r\n"):
+                sock = socket.create_connection(("127.0.0.1", s.tls))
+                if payload:
+                    sock.sendall(payload)
+                bad.append(sock)
+            for _ in range(3):
+                assert fetch(s.tls, "a.test", s.ctx).status == 200
+            for sock in bad:
+                _closed_within(sock, 3)  # the silent one by handshake_timeout
+                sock.close()
+        finally:
+            proc.stop()  # the counts are logged on the way out
+    # port_accepts' probes never start a handshake either: they count as cut too.
+    line = next(ln for ln in proc.output().splitlines() if "handshake(s) completed" in ln)
+    accepted, completed, cut = (int(w) for w in line.split() if w.isdigit())
+    assert completed == 3 and cut >= 3 and accepted == completed + cut, line
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl(site: tuple[Site, PorticoProcess], tmp_path: Path) -> None:
     s, _ = site

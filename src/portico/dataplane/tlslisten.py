@@ -101,6 +101,13 @@ class TlsListeners:
         return {store.key: store.stats() for store in self.stores}
 
     def close(self) -> None:
+        for store in self.stores:
+            s = store.stats()
+            log.info(
+                "%s: %d connection(s) accepted, %d handshake(s) completed, %d cut"
+                " (garbage, stalled, timed out, plain HTTP or refused)",
+                store.key, s["accepted"], s["established"], s["not_established"],
+            )
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
