@@ -465,6 +465,11 @@ def summarize(config: Config, source: str) -> list[str]:
         f"workers: {config.server.workers}",
         "upstreams:",
     ]
+    for i, t in enumerate(config.tls):  # after "listen:", before the upstreams
+        auto = f", auto {t.auto.issuer} for {', '.join(t.auto.names)}" if t.auto else ""
+        lines.insert(
+            2 + i, f"tls[{i}]: {', '.join(t.listen)} ({len(t.certs)} certificate(s){auto})"
+        )
     for name, upstream in config.upstreams.items():
         backends = ", ".join(
             b.url if b.weight == 1 else f"{b.url} (weight {b.weight})" for b in upstream.backends
