@@ -48,6 +48,17 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
     || echo "could not install chromium: browser tests will skip" >&2
 fi
+# The ACME tests (tests/integration/test_acme_pebble.py) run Pebble, Let's Encrypt's test CA,
+# with pebble-challtestsrv as its DNS; the TLS tests use curl and openssl s_client. As root
+# with apt-get, install what is missing; if that fails those tests skip.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && { ! command -v pebble >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1 \
+        || ! command -v openssl >/dev/null 2>&1; }; then
+  echo "installing pebble, curl and openssl for the TLS and ACME tests" >&2
+  { apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble curl openssl >/dev/null; } \
+    || echo "could not install pebble curl openssl: ACME/TLS tool tests will skip" >&2
+fi
 # Debian and Ubuntu ship Python without venv's ensurepip (package python3-venv).
 if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -87,6 +87,13 @@ def check(ctx: click.Context, file: str, strict: bool) -> None:
 
     for warning in shadowed(config):
         click.echo(f"warning: {warning}", err=True)
+    if config.tls:
+        import datetime as dt
+
+        from portico.control.tlscheck import check_tls
+
+        for key, reason in check_tls(config, dt.datetime.now(dt.UTC))[1]:
+            click.echo(f"warning: {key}: {reason}", err=True)
     if config.redis is not None:
         from portico.dataplane.redislimit import unreachable
 
@@ -173,6 +180,20 @@ def serve(ctx: click.Context, config_file: str, workers: int | None) -> None:
         f"[default: {_default(AccessLog, 'format')}]"
     ),
 )
+@click.option(
+    "--tls-cert",
+    "tls_certs",
+    multiple=True,
+    metavar="PEM",
+    help="Serve HTTPS with this certificate chain; repeatable (one per name, SNI picks).",
+)
+@click.option(
+    "--tls-key",
+    "tls_keys",
+    multiple=True,
+    metavar="PEM",
+    help="Private key of the --tls-cert in the same position.",
+)
 @click.pass_context
 def proxy(
     ctx: click.Context,
@@ -181,6 +202,8 @@ def proxy(
     balancer: str | None,
     workers: int | None,
     access_log: str | None,
+    tls_certs: tuple[str, ...],
+    tls_keys: tuple[str, ...],
 ) -> None:
     """Proxy to a set of backends with no config file.
 
@@ -189,6 +212,9 @@ def proxy(
       portico proxy --listen 127.0.0.1:8080 \\
         --backend http://127.0.0.1:5001 --backend http://127.0.0.1:5002
     """
+    if len(tls_certs) != len(tls_keys):
+        _echo_problems(ConfigError([("--tls-key", "give one --tls-key per --tls-cert")]), err=True)
+        ctx.exit(EXIT_CONFIG_REFUSED)
     try:
         config = config_from_flags(
             listen=listen,
@@ -196,6 +222,7 @@ def proxy(
             balancer=balancer,
             workers=workers,
             access_log=access_log,
+            tls_certs=list(zip(tls_certs, tls_keys, strict=True)),
         )
     except ConfigError as e:
         _echo_problems(e, err=True)
@@ -438,6 +465,11 @@ def summarize(config: Config, source: str) -> list[str]:
         f"workers: {config.server.workers}",
         "upstreams:",
     ]
+    for i, t in enumerate(config.tls):  # after "listen:", before the upstreams
+        auto = f", auto {t.auto.issuer} for {', '.join(t.auto.names)}" if t.auto else ""
+        lines.insert(
+            2 + i, f"tls[{i}]: {', '.join(t.listen)} ({len(t.certs)} certificate(s){auto})"
+        )
     for name, upstream in config.upstreams.items():
         backends = ", ".join(
             b.url if b.weight == 1 else f"{b.url} (weight {b.weight})" for b in upstream.backends

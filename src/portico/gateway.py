@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portico.config.load import load_file
 from portico.config.model import Config
@@ -51,6 +51,10 @@ from portico.runtime.snapshot import Snapshot, compile_config
 from portico.runtime.stageorder import stage_order
 from portico.runtime.traffic import connection_limits
 from portico.runtime.waf import WafRulesError
+
+if TYPE_CHECKING:
+    from portico.control.acme import CertManager
+    from portico.dataplane.tlslisten import TlsListeners
 
 log = logging.getLogger("portico")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
@@ -104,7 +108,12 @@ def with_secrets(config: Config) -> Config:
             sticky = up.sticky.model_copy(update={"secret": secrets.token_hex(32)})
             up = up.model_copy(update={"sticky": sticky})
         upstreams[name] = up
-    return config.model_copy(update={"upstreams": upstreams})
+    # Session-ticket secrets too: every worker derives the same ticket keys (dataplane.tls).
+    tls = [
+        t if t.ticket_secret else t.model_copy(update={"ticket_secret": secrets.token_hex(32)})
+        for t in config.tls
+    ]
+    return config.model_copy(update={"upstreams": upstreams, "tls": tls})
 
 
 @dataclass(slots=True)
@@ -145,7 +154,14 @@ def prepare_reload(current: Config, new: Config) -> tuple[Config, ReloadResult]:
             upstreams[name] = up.model_copy(
                 update={"sticky": up.sticky.model_copy(update={"secret": old.sticky.secret})}
             )
-    config = with_secrets(new.model_copy(update={"server": server, "upstreams": upstreams}))
+    # Ticket secrets carry over too, so a reload does not end resumable sessions.
+    tls = list(new.tls)
+    for i, (t, was) in enumerate(zip(new.tls, current.tls, strict=False)):
+        if not t.ticket_secret and was.listen == t.listen:
+            tls[i] = t.model_copy(update={"ticket_secret": was.ticket_secret})
+    config = with_secrets(
+        new.model_copy(update={"server": server, "upstreams": upstreams, "tls": tls})
+    )
     changed = [
         name for name in Config.model_fields if getattr(config, name) != getattr(current, name)
     ]
@@ -191,6 +207,11 @@ class Serving:
             self.ctx.conn_limits = connection_limits(config.traffic, snapshot.traffic)
         self.servers: list[asyncio.Server] = []
         self._flusher: asyncio.TimerHandle | None = None
+        self.tls: TlsListeners | None = None
+        if config.tls:  # imported only then: plain HTTP loads no TLS code
+            from portico.dataplane.tlslisten import TlsListeners
+
+            self.tls = TlsListeners(config, self.ctx)
 
     async def bind(self, reuse_port: bool) -> None:
         config = self.config
@@ -203,6 +224,8 @@ class Serving:
             self.servers.append(server)
             host, port = sock.getsockname()[:2]
             log.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
+        if self.tls is not None:
+            self.servers += await self.tls.bind(reuse_port, config.server.backlog)
         self._flusher = self.loop.call_later(ACCESS_LOG_FLUSH, self._flush)
 
     def _flush(self) -> None:
@@ -223,6 +246,8 @@ class Serving:
         old_log, ctx.access_log = ctx.access_log, _open_access_log(config)
         if old_log is not None:
             old_log.close()
+        if self.tls is not None:
+            self.tls.apply(config)
         self.config = config
 
     async def stop(self, grace: float, immediate: asyncio.Event) -> None:
@@ -231,6 +256,8 @@ class Serving:
         await _drain(self.ctx, self.servers, grace, immediate)
         if self._flusher is not None:
             self._flusher.cancel()
+        if self.tls is not None:
+            self.tls.close()
         if self.ctx.access_log is not None:
             self.ctx.access_log.close()
 
@@ -303,6 +330,9 @@ class Gateway:
         self._snapshot: Snapshot | None = None  # the master's own (no Serving there)
         self.control: Control | None = None
         self._reload_pending = False  # a SIGHUP that came before start() finished
+        self.certs: CertManager | None = None  # automatic certificates (control.acme)
+        # Challenge answers being served now, replayed to a worker that starts meanwhile.
+        self.tls_pending: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     def snapshot(self) -> Snapshot:
         if self.serving is not None:
@@ -325,8 +355,26 @@ class Gateway:
             self.master = _Master(self)
             self.master.start()
         self.control.start()
+        if any(t.auto is not None for t in config.tls):
+            from portico.control.acme import CertManager
+
+            self.certs = CertManager(config, self._publish_tls)
+            self.certs.start()
         if self._reload_pending:
             self.reload_from_source()
+
+    def _publish_tls(self, message: tuple[Any, ...]) -> None:
+        """Certificates and challenge answers from ``control.acme`` to whoever serves."""
+        _, kind, what, value = message
+        if kind != "reload":
+            if value is None:
+                self.tls_pending.pop((kind, what), None)
+            else:
+                self.tls_pending[(kind, what)] = message
+        if self.serving is not None and self.serving.tls is not None:
+            self.serving.tls.on_message(message)
+        if self.master is not None:
+            self.master.bus.publish(message)
 
     def _on_transition(self, upstream: str, ep: Endpoint, transition: Transition) -> None:
         log_transition(upstream, ep, transition)
@@ -396,6 +444,8 @@ class Gateway:
         ``immediate`` (a second Ctrl-C) cuts every wait short; instances are still stopped."""
         immediate = immediate or asyncio.Event()
         assert self.control is not None
+        if self.certs is not None:
+            self.certs.stop()
         self.control.stop_checks()
         if self.serving is not None:
             await self.serving.stop(self.config.server.shutdown_grace, immediate)
@@ -456,7 +506,10 @@ async def run_dataplane(
         managed.update(managed_upstreams(new))
         log.info("worker %d runs the reloaded config", os.getpid())
 
-    stop_bus = follow_master(state_pipe, loop, lambda: serving.ctx.snapshot, managed, on_config)
+    on_tls = serving.tls.on_message if serving.tls is not None else None
+    stop_bus = follow_master(
+        state_pipe, loop, lambda: serving.ctx.snapshot, managed, on_config, on_tls
+    )
     await signals.graceful.wait()
     stop_bus()
     await serving.stop(serving.config.server.shutdown_grace, signals.immediate)
@@ -533,7 +586,7 @@ def _worker_entry(
 
 
 def _check_bindable(config: Config) -> None:
-    for address in config.server.listen:
+    for address in [*config.server.listen, *(a for t in config.tls for a in t.listen)]:
         # Without SO_REUSEPORT: a port another process holds, even one that shares it (a
         # second Portico), is refused here, so the port is only ever shared by our workers.
         bind_socket(address, reuse_port=False, backlog=1).close()
@@ -555,6 +608,10 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
             raise StartupError(f"pid file: {exc}") from None
         if note:
             log.info("%s", note)
+    if any(t.auto is not None for t in config.tls):
+        from portico.control.acme import prepare
+
+        prepare(config)  # placeholder certificates until the first issuance
     try:
         if config.server.workers == 1:
             return run_worker(config, reuse_port=False, source=source)
@@ -631,6 +688,8 @@ class _Master:
         assert proc.pid is not None
         self.started[proc.pid] = time.monotonic()
         self.bus.add(proc.pid, ours)
+        for message in self.gateway.tls_pending.values():
+            self.bus.publish(message)  # idempotent for the workers that have it
         return proc
 
     def signal_workers(self, sig: int) -> None:

@@ -209,7 +209,8 @@ def test_bad_sizes(size: str, reason: str) -> None:
             (
                 "bogus",
                 "unknown key (expected one of: server, forwarding, access_log, upstreams, routes, "
-                "request_id, rate_limit, concurrency, ip_allow, ip_deny, redis, traffic)",
+                "request_id, rate_limit, concurrency, ip_allow, ip_deny, redis, traffic, tls, "
+                "https_redirect, hsts)",
             ),
         ),
         (
@@ -269,7 +270,6 @@ def test_problem_paths(text: str, expected: tuple[str, str]) -> None:
     [
         # A plain string is reported at its own index, not at a synthetic ".url".
         ('"127.0.0.1:5002"', ("[1]", "not a URL (expected http://host:port)")),
-        ('"https://h:1"', ("[1]", "not a URL (expected http://host:port)")),
         ('"http://h:99999"', ("[1]", "not a URL: bad port")),
         (
             '"http://h:1/api"',

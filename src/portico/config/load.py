@@ -100,6 +100,7 @@ def config_from_flags(
     balancer: str | None = None,
     workers: int | None = None,
     access_log: str | None = None,
+    tls_certs: Sequence[tuple[str, str]] = (),
 ) -> Config:
     """Build the config for ``portico proxy`` from its flags, through the same schema.
 
@@ -116,6 +117,10 @@ def config_from_flags(
         f"upstreams.{FLAGS_UPSTREAM}.balancer": balancer,
         "access_log.format": access_log,
     }
+    if tls_certs:  # the listen addresses speak HTTPS with these certificates
+        certs = [{"cert": cert, "key": key} for cert, key in tls_certs]
+        flags["tls"] = [{"listen": list(listen) or ["127.0.0.1:8443"], "certs": certs}]
+        flags["server.listen"] = []
     return validate(apply_overrides({}, {k: v for k, v in flags.items() if v is not None}))
 
 

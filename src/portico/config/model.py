@@ -18,6 +18,7 @@ from pydantic import (
 
 from portico.config.apps import App, Autoscale, Discover, DockerRun
 from portico.config.routes import RequestId, Route
+from portico.config.tls import BackendTls, Hsts, TlsListener, hsts_flag
 from portico.config.traffic import (
     CONCURRENCY,
     IP_ALLOW,
@@ -96,12 +97,7 @@ class Server(Strict):
     def _one_or_many(cls, v: object) -> object:
         return [v] if isinstance(v, str) else v
 
-    @field_validator("listen")
-    @classmethod
-    def _not_empty(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one listen address is needed")
-        return v
+    # An empty list is refused by Config (it is fine when [[tls]] listeners are given).
 
 
 class Forwarding(Strict):
@@ -139,8 +135,8 @@ class Backend(Strict):
     @classmethod
     def _check_url(cls, v: str) -> str:
         parts = urlsplit(v)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError("not a URL (expected http://host:port)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not a URL (expected http://host:port)")  # or https://
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError:
@@ -152,7 +148,11 @@ class Backend(Strict):
     @property
     def address(self) -> tuple[str, int]:
         parts = urlsplit(self.url)
-        return parts.hostname or "127.0.0.1", parts.port or 80
+        return parts.hostname or "127.0.0.1", parts.port or (443 if self.is_https else 80)
+
+    @property
+    def is_https(self) -> bool:
+        return self.url.startswith("https:")
 
 
 class UpstreamTimeouts(Strict):
@@ -282,6 +282,9 @@ class Upstream(Strict):
     max_requests: int | None = Field(
         None, ge=1, description="circuit breaker: concurrent requests per endpoint (per worker)"
     )
+    tls: BackendTls | None = Field(
+        None, description="TLS to https:// backends (verify, CA, SNI name, client cert)"
+    )
 
     @model_validator(mode="after")
     def _backends_or_app(self) -> Upstream:
@@ -331,6 +334,19 @@ class Config(Strict):
     ip_deny: list[Network] = Field(default_factory=list, description=IP_DENY)
     redis: Redis | None = Field(None, description="the store of store = \"redis\" limits")
     traffic: TrafficTable = Field(default_factory=TrafficTable)
+    # TLS (config.tls): HTTPS listeners, the HTTPS redirect and HSTS for every route.
+    tls: list[TlsListener] = Field(default_factory=list, description="HTTPS listeners")
+    https_redirect: bool = Field(
+        False,
+        description="answer every plain-HTTP request with 308 to https:// (ACME challenges"
+        " under /.well-known/acme-challenge/ excepted)",
+    )
+    hsts: Hsts | None = Field(None, description="Strict-Transport-Security on HTTPS responses")
+
+    @field_validator("hsts", mode="before")
+    @classmethod
+    def _hsts_flag(cls, v: object) -> object:
+        return hsts_flag(v)
 
     @field_validator("request_id", mode="before")
     @classmethod
@@ -348,6 +364,8 @@ class Config(Strict):
         # portico.config.load can report each where it belongs. All of them are collected
         # rather than stopping at the first, so one `portico check` run shows every one.
         problems: list[str] = []
+        if not self.server.listen and not self.tls:
+            problems.append("server.listen: at least one listen address is needed")
         if not self.upstreams:
             problems.append("upstreams: at least one upstream is needed")
         for i, route in enumerate(self.routes):

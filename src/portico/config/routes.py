@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from portico.config.security import Auth, Cors
+from portico.config.tls import Hsts, hsts_flag
 from portico.config.traffic import (
     CONCURRENCY,
     IP_ALLOW,
@@ -464,12 +465,19 @@ class Route(Strict):
     cors: Cors | None = Field(None, description="CORS, preflights answered by the gateway")
     waf: Waf | None = Field(None, description="ModSecurity + OWASP CRS; true = defaults")
 
+    hsts: Hsts | None = Field(
+        None, description="Strict-Transport-Security on this route's HTTPS responses"
+    )
     upgrades: list[str] = Field(
         default_factory=lambda: ["websocket"],
         description="Upgrade protocols tunnelled; others are stripped from the request",
     )
 
     _waf_flag = field_validator("waf", mode="before")(waf_flag)
+    @field_validator("hsts", mode="before")
+    @classmethod
+    def _hsts_flag(cls, v: object) -> object:
+        return hsts_flag(v)
 
     @field_validator("compress", mode="before")
     @classmethod

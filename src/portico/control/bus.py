@@ -183,6 +183,7 @@ def follow_master(
     snapshot_of: Callable[[], Snapshot],
     managed: set[str],
     on_config: Callable[[dict[str, Any]], None],
+    on_other: Callable[[tuple[Any, ...]], None] | None = None,
 ) -> Callable[[], None]:
     """Worker side: apply what the master sends, report load, forward demand.
 
@@ -218,6 +219,8 @@ def follow_master(
                     service = snapshot.services.get(message[1])
                     if service is not None:
                         service.declare_unavailable(message[2])
+                elif on_other is not None:
+                    on_other(message)  # e.g. ("acme", ...): TLS certificates and challenges
         except (EOFError, OSError):
             # The master is gone; PR_SET_PDEATHSIG stops this worker shortly.
             with contextlib.suppress(Exception):

@@ -7,6 +7,7 @@ Problems are ``(key path, reason)`` like config problems, so they print the same
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 
 from portico.config.model import Config
@@ -27,16 +28,26 @@ def check_environment(config: Config, *, strict: bool = False) -> list[tuple[str
     problems.extend(check_apps(config))
     problems.extend(check_waf(config))
     problems.extend(stage_order(config))  # nothing reaches an upstream past its auth
+    if config.tls:
+        from portico.control.tlscheck import check_tls
+
+        problems.extend(check_tls(config, dt.datetime.now(dt.UTC))[0])
     if strict:
         # Imported here: `portico check` without --strict loads nothing of the data plane.
         from portico.dataplane.listener import bind_socket
 
-        for i, address in enumerate(config.server.listen):
+        addresses = [(f"server.listen[{i}]", a) for i, a in enumerate(config.server.listen)]
+        addresses += [
+            (f"tls[{i}].listen[{j}]", a)
+            for i, t in enumerate(config.tls)
+            for j, a in enumerate(t.listen)
+        ]
+        for key, address in addresses:
             try:
                 # As the server binds (no SO_REUSEPORT): a port someone holds is taken.
                 bind_socket(address, reuse_port=False, backlog=1).close()
             except StartupError as exc:
-                problems.append((f"server.listen[{i}]", str(exc)))
+                problems.append((key, str(exc)))
     return problems
 
 

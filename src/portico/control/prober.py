@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from portico.codec.events import Data, EndOfMessage, ResponseHead
 from portico.codec.parser import ResponseParser
 from portico.config.model import HealthCheck
+from portico.dataplane.backendtls import client_context, tls_reason
 from portico.errors import BadResponse
 from portico.policy.health import (
     HealthTracker,
@@ -28,6 +29,7 @@ from portico.policy.health import (
 )
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.snapshot import Snapshot
+from portico.runtime.tlstarget import TlsTarget
 
 log = logging.getLogger("portico.health")
 
@@ -45,11 +47,14 @@ class CheckResult:
     reason: str
 
 
-async def check_once(host: str, port: int, spec: HealthCheck, statuses: StatusSet) -> CheckResult:
-    """One check: connect, ask, judge. Never raises for a sick backend; reports why."""
+async def check_once(
+    host: str, port: int, spec: HealthCheck, statuses: StatusSet, tls: TlsTarget | None = None
+) -> CheckResult:
+    """One check: connect, ask, judge. Never raises for a sick backend; reports why.
+    ``tls``: the check speaks TLS, verified as requests are (an https:// backend)."""
     try:
         async with asyncio.timeout(spec.timeout):
-            return await _exchange(host, port, spec, statuses)
+            return await _exchange(host, port, spec, statuses, tls)
     except TimeoutError:
         return CheckResult(False, f"timed out after {spec.timeout:g}s")
     except ConnectionRefusedError:
@@ -57,13 +62,20 @@ async def check_once(host: str, port: int, spec: HealthCheck, statuses: StatusSe
     except BadResponse as exc:
         return CheckResult(False, exc.reason)
     except OSError as exc:
-        return CheckResult(False, exc.strerror or type(exc).__name__)
+        return CheckResult(False, tls_reason(exc))
 
 
-async def _exchange(host: str, port: int, spec: HealthCheck, statuses: StatusSet) -> CheckResult:
-    reader, writer = await asyncio.open_connection(host, port)
+async def _exchange(
+    host: str, port: int, spec: HealthCheck, statuses: StatusSet, tls: TlsTarget | None
+) -> CheckResult:
+    if tls is None:
+        reader, writer = await asyncio.open_connection(host, port)
+    else:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=client_context(tls), server_hostname=tls.server_name
+        )
     try:
-        authority = spec.host or f"{host}:{port}"
+        authority = spec.host or (tls.server_name if tls else f"{host}:{port}")
         writer.write(
             f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {authority}\r\n"
             "User-Agent: portico-health-check\r\nConnection: close\r\n\r\n".encode("latin-1")
@@ -135,7 +147,7 @@ class Prober:
         tracker = HealthTracker(spec.rise, spec.fall, healthy=ep.up)
         loop = asyncio.get_running_loop()
         while True:
-            result = await check_once(ep.host, ep.port, spec, statuses)
+            result = await check_once(ep.host, ep.port, spec, statuses, ep.tls)
             transition = tracker.observe(result.ok, result.reason, loop.time())
             if transition is not None:
                 self._on_transition(upstream, ep, transition)

@@ -18,7 +18,7 @@ _SKIP_UP = HOP_BY_HOP | {b"expect"}  # Portico answers 100-continue itself (as n
 class ClientInfo:
     """Facts about a client connection, computed once when it connects."""
 
-    __slots__ = ("ip", "ip_bytes", "port", "proto", "trusted")
+    __slots__ = ("cert_headers", "ip", "ip_bytes", "port", "proto", "trusted")
 
     def __init__(self, ip: str, port: int, trusted: bool, proto: bytes = b"http") -> None:
         self.ip = ip
@@ -26,6 +26,8 @@ class ClientInfo:
         self.ip_bytes = ip.encode("ascii")
         self.trusted = trusted
         self.proto = proto
+        # Header lines about a verified client certificate (dataplane.tls), or b"".
+        self.cert_headers = b""
 
 
 def _forwarded_node(ip: bytes) -> bytes:
@@ -53,7 +55,11 @@ def request_head(
     upgrade: bytes | None = None
     host_written = False
     kept_xfh = kept_real_ip = False  # a trusted proxy's own values, passed on as they are
-    for name, value in head.headers:
+    headers = head.headers
+    strip = policy.strip  # client-certificate header names: only Portico sets them
+    if strip is not None:
+        headers = [(n, v) for n, v in headers if n.lower() not in strip]
+    for name, value in headers:
         lname = name.lower()
         if lname in _SKIP_UP or (tokens and lname in tokens):
             if lname == b"upgrade" and head.upgrade:
@@ -112,6 +118,8 @@ def request_head(
         out += (b"Via: ", (via + b", " + v) if via else v, b"\r\n")
     elif via is not None:
         out += (b"Via: ", via, b"\r\n")
+    if strip is not None and client.cert_headers:  # only ever set when strip is
+        out.append(client.cert_headers)
     if head.framing == "chunked":
         out.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade is not None:

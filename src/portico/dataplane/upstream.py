@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from typing import Protocol
 
 from portico.codec.events import Event
 from portico.codec.parser import ResponseParser
+from portico.dataplane.backendtls import client_context, tls_reason
 from portico.dataplane.timers import Deadline
 from portico.errors import (
     BadResponse,
@@ -25,6 +27,9 @@ from portico.errors import (
 )
 from portico.runtime.endpoint import Endpoint
 
+log = logging.getLogger("portico.upstream")
+# Seconds between two log lines about TLS failures to the same backend.
+TLS_LOG_EVERY = 10.0
 
 class UpstreamSink(Protocol):
     """What an upstream connection needs from the exchange using it."""
@@ -200,13 +205,14 @@ class UpstreamConnection(asyncio.Protocol):
 class EndpointPool:
     """Idle keep-alive connections to one endpoint, and the way to open new ones."""
 
-    __slots__ = ("_idle", "endpoint", "idle_timeout", "max_idle")
+    __slots__ = ("_idle", "_tls_logged", "endpoint", "idle_timeout", "max_idle")
 
     def __init__(self, endpoint: Endpoint, max_idle: int, idle_timeout: float) -> None:
         self.endpoint = endpoint
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._idle: list[UpstreamConnection] = []
+        self._tls_logged = -TLS_LOG_EVERY  # when a TLS failure to this endpoint was last logged
 
     def __repr__(self) -> str:
         return f"<EndpointPool {self.endpoint.label} idle={len(self._idle)}>"
@@ -233,15 +239,30 @@ class EndpointPool:
     async def connect(self, timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         host, port = self.endpoint.address
+        tls = self.endpoint.tls
         try:
             async with asyncio.timeout(timeout):
-                _, proto = await loop.create_connection(
-                    lambda: UpstreamConnection(self), host, port
-                )
+                if tls is None:
+                    _, proto = await loop.create_connection(
+                        lambda: UpstreamConnection(self), host, port
+                    )
+                else:
+                    _, proto = await loop.create_connection(
+                        lambda: UpstreamConnection(self),
+                        host,
+                        port,
+                        ssl=client_context(tls),
+                        server_hostname=tls.server_name,
+                    )
         except TimeoutError:
             raise ConnectTimeout(f"connect to {self.endpoint.label} timed out") from None
         except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
+            reason = tls_reason(exc) if tls is not None else exc.strerror or type(exc).__name__
+            if tls is not None and loop.time() - self._tls_logged >= TLS_LOG_EVERY:
+                # A TLS failure is a configuration problem worth a log line (the client sees
+                # only 502); once per interval, so a broken backend cannot flood the log.
+                self._tls_logged = loop.time()
+                log.warning("https backend %s: %s", self.endpoint.label, reason)
             raise ConnectFailed(f"connect to {self.endpoint.label} failed: {reason}") from None
         return proto
 

@@ -48,6 +48,7 @@ from portico.runtime.stages import (
     StickyCookie,
 )
 from portico.runtime.static import StaticSpec
+from portico.runtime.tlsstages import AcmeHttp01, HttpsRedirect, tls_stages
 from portico.runtime.traffic import IpRules, TrafficStores, traffic_stages
 from portico.runtime.waf import waf_stages
 
@@ -189,13 +190,16 @@ def _stages(
     rid = RequestId(request_id.header) if request_id is not None else None
     if rid is not None:
         stages.append(rid)
-    # IP rules, CORS preflight, rate limits, authentication, WAF: docs/security.md "Stage
-    # order".
+    # ACME challenge answers and the HTTPS redirect first (a plain-HTTP request is sent to
+    # https:// before any policy spends work on it), then IP rules, CORS preflight, rate
+    # limits, authentication, WAF: docs/security.md "Stage order".
+    first = [s for s in traffic if isinstance(s, (AcmeHttp01, HttpsRedirect))]
+    stages.extend(first)
     ip = [s for s in traffic if isinstance(s, IpRules)]
     stages.extend(ip)
     if route.cors is not None:
         stages.append(Cors(route.cors))
-    stages.extend(s for s in traffic if not isinstance(s, IpRules))
+    stages.extend(s for s in traffic if not isinstance(s, (IpRules, AcmeHttp01, HttpsRedirect)))
     stages.extend(auth_stages(route.auth, security or SecurityStores()))
     stages.extend(waf)  # after traffic and authentication, before any rewrite
     if route.strip_prefix or route.add_prefix or route.rewrite:
@@ -262,7 +266,8 @@ def compile_routes(
             i,
             services,
             rid,
-            traffic_stages(
+            tls_stages(config, r)
+            + traffic_stages(
                 config,
                 r,
                 route_name(r, i),

@@ -22,6 +22,11 @@ Who writes what (everything is read by ``policy.balancers``):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from portico.runtime.tlstarget import TlsTarget
+
 
 class Endpoint:
     """A backend address with its live counters. Hot: read on every request."""
@@ -41,6 +46,7 @@ class Endpoint:
         "port",
         "ramp",
         "requests",
+        "tls",
         "up",
         "weight",
     )
@@ -58,6 +64,8 @@ class Endpoint:
         self.requests = 0
         self.up = True
         self.ejected = False
+        # How to speak TLS to it (runtime.tlstarget.TlsTarget), None for plain HTTP.
+        self.tls: TlsTarget | None = None
         self.draining = False
         self.healthy_since: float | None = None
         # 1.0 = full share; slow start lowers it to as little as 0.1 (see select_candidates).

@@ -22,6 +22,8 @@ from portico.policy.retry import RetryBudget, RetryPolicy
 from portico.runtime.compile import compile_routes
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import Router
+from portico.runtime.tlsstages import stripped_request_headers
+from portico.runtime.tlstarget import https_host, tls_target
 from portico.runtime.traffic import TrafficStores
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -102,6 +104,8 @@ class ForwardingPolicy:
     forwarded: bool
     via: bytes | None  # the Via value to add, e.g. b"1.1 portico"
     trusted: list[IPNetwork] = field(default_factory=list)
+    # Request headers dropped from every client (client-certificate headers Portico sets).
+    strip: frozenset[bytes] | None = None
 
     def trusts(self, ip: str) -> bool:
         if not self.trusted:
@@ -141,6 +145,7 @@ def _compile_service(
         else:
             ep.weight = backend.weight
             ep.backup = backend.backup
+        ep.tls = tls_target(up, backend)
         endpoints.append(ep)
     outlier: OutlierDetector | None = None
     od = up.outlier
@@ -168,7 +173,7 @@ def _compile_service(
         name=name,
         endpoints=endpoints,
         balancer=balancer,
-        host_override=up.host.encode("idna") if up.host else None,
+        host_override=up.host.encode("idna") if up.host else https_host(up),
         connect_timeout=up.timeouts.connect,
         response_header_timeout=up.timeouts.response_header,
         body_idle_timeout=up.timeouts.body_idle,
@@ -232,6 +237,7 @@ def compile_config(
         forwarded=fw.forwarded,
         via=b"1.1 " + fw.via_name.encode("ascii") if fw.via else None,
         trusted=[ipaddress.ip_network(n, strict=False) for n in fw.trusted_proxies],
+        strip=stripped_request_headers(config),
     )
     if traffic is None:
         traffic = previous.traffic if previous is not None else None
