@@ -155,7 +155,7 @@ def managed_upstreams(config: Config) -> set[str]:
     return {
         name
         for name, up in config.upstreams.items()
-        if up.app is not None or up.discover is not None
+        if up.app is not None or up.discover is not None or up.kubernetes is not None
     }
 
 
@@ -257,7 +257,7 @@ class Control:
     def _restart_apps(self) -> None:
         # Handled even without apps (a reload may add some): the default action of a stray
         # `kill -USR1` would terminate the server.
-        if self.orchestrator.supervisors:
+        if self.orchestrator.supervisors or self.orchestrator.fleets:
             self.orchestrator.rolling_restart()
         else:
             log.info("SIGUSR1: no apps to restart")
@@ -269,7 +269,9 @@ class Control:
         self.orchestrator.apply(config, previous)
 
     def scale(self, upstream: str, n: int) -> bool:
-        supervisor = self.orchestrator.supervisors.get(upstream)
+        supervisor = self.orchestrator.supervisors.get(upstream) or self.orchestrator.fleets.get(
+            upstream
+        )
         if supervisor is None:
             return False
         supervisor.set_desired(n)
@@ -609,8 +611,11 @@ class _Master:
         control = self.gateway.control
         if control is not None:
             supervisor = control.orchestrator.supervisors.get(upstream)
+            fleet = control.orchestrator.fleets.get(upstream)
             if supervisor is not None:
                 supervisor.demand()
+            elif fleet is not None:
+                fleet.demand()
 
     def _spawn(self) -> Any:
         ours, theirs = self.mp.Pipe(duplex=True)

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from portico.config.apps import App, Autoscale, Discover, DockerRun
+from portico.config.kube import KubeEndpoints, Kubernetes
 from portico.config.routes import RequestId, Route
 from portico.config.traffic import (
     CONCURRENCY,
@@ -259,6 +260,9 @@ class Upstream(Strict):
     discover: Discover | None = Field(
         None, description="endpoints found in Docker by labels, instead of backends"
     )
+    kubernetes: KubeEndpoints | None = Field(
+        None, description="endpoints from a Kubernetes Service's EndpointSlices, instead"
+    )
     balancer: str = "round_robin"
     hash_key: str = Field(
         "client_ip",
@@ -285,7 +289,7 @@ class Upstream(Strict):
 
     @model_validator(mode="after")
     def _backends_or_app(self) -> Upstream:
-        given = [k for k in ("backends", "app", "discover") if getattr(self, k)]
+        given = [k for k in ("backends", "app", "discover", "kubernetes") if getattr(self, k)]
         if len(given) > 1:
             raise ValueError(f"give one of backends, app or discover, not {' and '.join(given)}")
         return self
@@ -320,6 +324,9 @@ class Config(Strict):
     forwarding: Forwarding = Field(default_factory=Forwarding)
     access_log: AccessLog = Field(default_factory=AccessLog)
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
+    kubernetes: Kubernetes = Field(
+        default_factory=Kubernetes, description="reaching the cluster, leader election"
+    )
     routes: list[Route] = Field(default_factory=list)
     request_id: RequestId | None = Field(
         None, description="X-Request-ID handling; unset = off (no ID is generated)"

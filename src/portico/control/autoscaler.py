@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 
 from portico.config.model import Autoscale
-from portico.control.supervisor import Supervisor
+from portico.control.fleet import Fleet
 from portico.policy.scaling import Decision, Scaler, ScalingRule
 from portico.runtime.events import EventLog
 from portico.runtime.snapshot import Service
@@ -40,7 +40,7 @@ def p95(values: list[float]) -> float:
 class Autoscaler:
     def __init__(
         self,
-        supervisor: Supervisor,
+        supervisor: Fleet,
         rule: Autoscale,
         service_of: Callable[[], Service],
         events: EventLog,
@@ -65,6 +65,9 @@ class Autoscaler:
             )
         )
         self.decisions: list[Decision] = []
+        # Several Portico replicas: only the leader decides (control.leader); the others
+        # keep sampling, so a new leader starts from a fresh signal.
+        self.leading: Callable[[], bool] = lambda: True
         self._task: asyncio.Task[None] | None = None
         self._last_requests = 0
         self._last_busy: float | None = None
@@ -86,12 +89,13 @@ class Autoscaler:
         self._last_requests = self._requests()
         while True:
             observed = await self._sample(loop)
-            self._step(observed, loop.time())
+            if observed is not None and self.leading():
+                self._step(observed, loop.time())
 
     def _requests(self) -> int:
         return sum(ep.requests for ep in self.service_of().endpoints)
 
-    async def _sample(self, loop: asyncio.AbstractEventLoop) -> float:
+    async def _sample(self, loop: asyncio.AbstractEventLoop) -> float | None:
         """One interval's value of the metric, per ready instance."""
         interval = self.rule.interval
         metric = self.rule.metric
@@ -102,8 +106,7 @@ class Autoscaler:
             service = self.service_of()
             in_flight_sum += sum(ep.in_flight for ep in service.endpoints)
             held += len(service.waiters)
-        ready = self.supervisor.ready
-        n = max(1, len(ready))
+        n = max(1, self.supervisor.ready_count())
         requests = self._requests()
         done = max(0, requests - self._last_requests)
         self._last_requests = requests
@@ -120,11 +123,11 @@ class Autoscaler:
             values = list(samples)
             samples.clear()
             return p95(values)
-        return sum(m.instance.cpu_percent() for m in ready) / n
+        return self.supervisor.cpu_percent()  # None: no CPU signal (no metrics API)
 
     def _step(self, observed: float, now: float) -> None:
         sup = self.supervisor
-        current = len(sup.counted)
+        current = sup.counted_count()
         spec = sup.spec
         if (
             spec.min == 0
