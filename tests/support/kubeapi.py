@@ -152,11 +152,16 @@ class FakeKubeApi(StartStop):
         self.call(self._close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout)
+        self.loop.close()
 
     async def _close(self) -> None:
         self._end_watches(None)
         if self._server is not None:
             self._server.close()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def call(self, work: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout)
@@ -296,8 +301,8 @@ class FakeKubeApi(StartStop):
                 keep = await self._answer(method, url.path, query, headers, body, writer)
                 if not keep:
                     break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # a client gone, or the fake stopping: nothing to answer
         finally:
             writer.close()
 

@@ -14,6 +14,7 @@ permission is missing, in the words of a Role rule.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -136,6 +137,9 @@ class KubeApi:
             import httpx  # type: ignore[no-redef]
         if config.user is None:
             raise KubeError(0, f"kubeconfig context {config.context_name!r} has no user")
+        # Its client logs every request at INFO: a watch re-opened every few minutes, scale
+        # reads every 2 s. Portico logs what matters (errors, changes) itself.
+        logging.getLogger(httpx.__name__).setLevel(logging.WARNING)
         params = ConnectionParams(timeout=httpx.Timeout(REQUEST_TIMEOUT))
         self._client = AsyncClient(config, params)
         self._httpx = httpx
