@@ -135,6 +135,8 @@ def prepare_reload(current: Config, new: Config) -> tuple[Config, ReloadResult]:
     restart = [
         f"server.{k}" for k in STATIC_KEYS if getattr(new.server, k) != getattr(current.server, k)
     ]
+    if new.kubernetes != current.kubernetes:
+        restart.append("kubernetes")  # one API client and one leader election per process
     server = new.server.model_copy(update={k: getattr(current.server, k) for k in STATIC_KEYS})
     upstreams = dict(new.upstreams)
     for name, up in new.upstreams.items():
@@ -143,7 +145,11 @@ def prepare_reload(current: Config, new: Config) -> tuple[Config, ReloadResult]:
             upstreams[name] = up.model_copy(
                 update={"sticky": up.sticky.model_copy(update={"secret": old.sticky.secret})}
             )
-    config = with_secrets(new.model_copy(update={"server": server, "upstreams": upstreams}))
+    config = with_secrets(
+        new.model_copy(
+            update={"server": server, "upstreams": upstreams, "kubernetes": current.kubernetes}
+        )
+    )
     changed = [
         name for name in Config.model_fields if getattr(config, name) != getattr(current, name)
     ]

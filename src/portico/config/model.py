@@ -324,9 +324,6 @@ class Config(Strict):
     forwarding: Forwarding = Field(default_factory=Forwarding)
     access_log: AccessLog = Field(default_factory=AccessLog)
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
-    kubernetes: Kubernetes = Field(
-        default_factory=Kubernetes, description="reaching the cluster, leader election"
-    )
     routes: list[Route] = Field(default_factory=list)
     request_id: RequestId | None = Field(
         None, description="X-Request-ID handling; unset = off (no ID is generated)"
@@ -338,6 +335,9 @@ class Config(Strict):
     ip_deny: list[Network] = Field(default_factory=list, description=IP_DENY)
     redis: Redis | None = Field(None, description="the store of store = \"redis\" limits")
     traffic: TrafficTable = Field(default_factory=TrafficTable)
+    kubernetes: Kubernetes = Field(
+        default_factory=Kubernetes, description="reaching the cluster, leader election"
+    )
 
     @field_validator("request_id", mode="before")
     @classmethod
