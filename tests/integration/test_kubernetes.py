@@ -418,3 +418,87 @@ def test_leader_release_on_clean_stop(
     stopped = time.monotonic()
     wait_until(lambda: holder() == "p2", 5, 0.05, "p2 takes over a released lease")
     assert time.monotonic() - stopped < 10 / 2  # well before the lease would have expired
+
+
+def test_only_the_leader_scales_and_the_new_leader_takes_over_scaling(
+    kube: FakeKubeApi, cluster: FakeCluster, portico: PorticoFactory, tmp_path: Path
+) -> None:
+    cluster.add_deployment("web", replicas=1)
+    app = {
+        "kubernetes": {"deployment": "web"},
+        "min": 1,
+        "max": 3,
+        "autoscale": {"target": 1, "interval": 0.5, "cooldown": 0.5, "scale_down_window": 60},
+    }
+
+    def replica(identity: str) -> Any:
+        lead = {"lease_duration": 2, "renew_every": 0.5, "identity": identity}
+        return portico(config(kube, tmp_path, {"app": app}, leader_election=lead))
+
+    def holder() -> str | None:
+        lease = kube.run(lambda: kube.get("leases", "default", "portico"))
+        return None if lease is None else lease["spec"].get("holderIdentity")
+
+    def load(url: str, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+
+        def client() -> None:
+            with httpx.Client(trust_env=False, timeout=10.0) as c:
+                while time.monotonic() < deadline:
+                    c.get(url + "/slow?ms=200")
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(seconds + 15)
+
+    def scalers() -> set[str]:
+        return {
+            e.agent for e in kube.transcript if e.path.endswith("/scale") and e.method == "PATCH"
+        }
+
+    first = replica("p1")
+    wait_until(lambda: holder() == "p1", SETTLE, 0.05)
+    second = replica("p2")
+    load(first.url, 3)
+    wait_until(lambda: replicas(kube) >= 2, SETTLE, 0.1)
+    assert scalers() == {"portico (p1)"}
+    first.stop(signal.SIGKILL)
+    wait_until(lambda: holder() == "p2", SETTLE, 0.05)
+    set_replicas(kube, 1)  # someone scaled down by hand; the new leader sees load again
+    load(second.url, 3)
+    wait_until(lambda: replicas(kube) >= 2, SETTLE, 0.1)
+    assert scalers() == {"portico (p1)", "portico (p2)"}
+
+
+def test_cpu_signal_from_metrics_api_and_its_absence(
+    kube: FakeKubeApi, cluster: FakeCluster, portico: PorticoFactory, tmp_path: Path
+) -> None:
+    cluster.add_deployment("web", replicas=1)
+    app = {
+        "kubernetes": {"deployment": "web"},
+        "min": 1,
+        "max": 4,
+        "autoscale": {"metric": "cpu", "target": 50, "interval": 0.5, "cooldown": 0.5},
+    }
+    proxy = portico(config(kube, tmp_path, {"app": app}))
+    wait_until(lambda: "no metrics API (metrics.k8s.io): no CPU signal" in proxy.output(), SETTLE)
+    time.sleep(1.5)  # several intervals without a signal: no decision
+    assert replicas(kube) == 1
+
+    def metrics() -> None:  # metrics-server's PodMetrics: 900m of one core in the one pod
+        kube.metrics = {
+            name: {
+                "kind": "PodMetrics",
+                "apiVersion": "metrics.k8s.io/v1beta1",
+                "metadata": {"name": name, "namespace": "default", "labels": {"app": "web"}},
+                "timestamp": "2026-01-01T00:00:00Z",
+                "window": "15s",
+                "containers": [{"name": "web", "usage": {"cpu": "900m", "memory": "12Mi"}}],
+            }
+            for name, _, _ in [(p.name, 0, 0) for p in cluster.managed["web"].pods]
+        }
+
+    kube.run(metrics)
+    wait_until(lambda: replicas(kube) >= 2, SETTLE, 0.1, "90% CPU at target 50% -> 2 pods")

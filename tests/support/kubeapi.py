@@ -91,6 +91,8 @@ class Exchange:
     body: Any
     status: int
     answer: Any  # a dict, or the list of watch events sent
+    agent: str = ""  # the client's User-Agent
+    at: float = 0.0  # loop time the request arrived
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -316,6 +318,8 @@ class FakeKubeApi(StartStop):
         writer: asyncio.StreamWriter,
     ) -> bool:
         exchange = Exchange(method, path, query, body, 200, None)
+        exchange.agent = headers.get("user-agent", "")
+        exchange.at = asyncio.get_running_loop().time()
         self.transcript.append(exchange)
         code, answer, extra = self._route(method, path, query, headers, body)
         if isinstance(answer, Watch):

@@ -123,6 +123,8 @@ class KubeApi:
         self.settings = settings
         self._client: Any = None
         self.namespace = settings.namespace or "default"
+        # Names this Portico in the API server's audit log (and tells replicas apart).
+        self.user_agent = "portico"
 
     def open(self) -> None:
         """Load the config and build the client (raises KubeError with what is missing)."""
@@ -167,7 +169,7 @@ class KubeApi:
     ) -> dict[str, Any]:
         self.open()
         httpx = self._httpx
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": self.user_agent}
         content = None
         if body is not None:
             content = json.dumps(body).encode()
@@ -207,7 +209,11 @@ class KubeApi:
         timeout = httpx.Timeout(REQUEST_TIMEOUT, read=None)
         try:
             async with self._client.stream(
-                "GET", path, params=query, headers={"Accept": "application/json"}, timeout=timeout
+                "GET",
+                path,
+                params=query,
+                headers={"Accept": "application/json", "User-Agent": self.user_agent},
+                timeout=timeout,
             ) as resp:
                 if resp.status_code >= 400:
                     raise _error(resp.status_code, await resp.aread(), resp.headers, where)

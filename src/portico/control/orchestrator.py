@@ -78,6 +78,7 @@ class Orchestrator:
         election = self.config.kubernetes.leader_election
         if election is not None:
             self.elector = LeaderElector(election, self.kube, self.events)
+            self.kube.user_agent = f"portico ({self.elector.identity})"
             self.elector.start()
         for name in self.config.upstreams:
             self._start_upstream(name)

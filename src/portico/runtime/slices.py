@@ -7,7 +7,7 @@ The conditions, as the API reference defines them:
 
 * ``ready`` unset means ready ("nil should be interpreted as true"; Traefik#12389 dropped
   such endpoints);
-* ``serving`` unset means the same as ``ready``; ``terminating`` unset means false;
+* ``serving`` unset means true, ``terminating`` unset means false;
 * an endpoint takes new requests only when ready and not terminating;
 * a known endpoint that stops being ready, or starts terminating (serving or not), drains:
   no new requests, in-flight ones go on (Traefik#11101 dropped them at once). It leaves
