@@ -360,16 +360,15 @@ class FakeKubeApi(StartStop):
             verb = "watch"
         full = f"{resource}/{sub}" if sub else resource
         if (verb, full) in self.forbidden:
+            # The authorizer's words, e.g. deployments.apps "web" is forbidden: User "..."
+            # cannot patch resource "deployments/scale" in API group "apps" in the namespace.
+            subject = f'{resource}.{group} "{name}"' if name else f"{resource}.{group}"
             message = (
-                f'{full}.{group} "{name}" is forbidden: '
-                if name
-                else f"{full}.{group} is forbidden: "
-            ) + (
-                f'User "system:serviceaccount:{ns}:portico" cannot {verb} resource "{resource}"'
-                f'{f" subresource {sub!r}" if sub else ""} in API group "{group}"'
-                f' in the namespace "{ns}"'
+                f'{subject} is forbidden: User "system:serviceaccount:{ns}:portico" cannot'
+                f' {verb} resource "{full}" in API group "{group}" in the namespace "{ns}"'
             )
-            return 403, status(403, "Forbidden", message, kind=resource, name=name or None), {}
+            details = {"kind": resource, "group": group, **({"name": name} if name else {})}
+            return 403, status(403, "Forbidden", message, **details), {}
         if resource == "pods" and group == "metrics.k8s.io":
             return self._metrics(ns, query)
         if resource not in KINDS or GROUPS[resource][0] != group:
