@@ -502,3 +502,19 @@ def test_cpu_signal_from_metrics_api_and_its_absence(
 
     kube.run(metrics)
     wait_until(lambda: replicas(kube) >= 2, SETTLE, 0.1, "90% CPU at target 50% -> 2 pods")
+
+
+def test_with_workers_the_master_follows_and_workers_cold_start(
+    kube: FakeKubeApi, cluster: FakeCluster, portico: PorticoFactory, tmp_path: Path
+) -> None:
+    cluster.add_deployment("web", replicas=0)
+    app = {"kubernetes": {"deployment": "web"}, "min": 0, "max": 3, "cold_start_timeout": 10}
+    proxy = portico(config(kube, tmp_path, {"app": app}), workers=2)
+    with httpx.Client(trust_env=False, timeout=15.0) as client:
+        r = client.get(proxy.url + "/")  # a worker holds it and asks the master over the bus
+    assert r.status_code == 200 and r.text == "pod-1", r.text
+    assert replicas(kube) == 1
+    set_replicas(kube, 3)
+    wait_until(lambda: len(served(proxy.url, 30)) == 3, SETTLE, 0.1, "every worker sees 3")
+    # One watch for the whole gateway: the master's, not one per worker.
+    assert kube.watching("endpointslices") == 1
