@@ -81,7 +81,9 @@ min = 0
 [upstreams.api.app.kubernetes]
 deployment = "api"
 namespace = "backend"
-template = { metadata = { labels = { app = "api" } }, spec = { containers = [{ name = "a", image = "a:1" }] } }
+[upstreams.api.app.kubernetes.template]
+metadata = { labels = { app = "api" } }
+spec = { containers = [{ name = "a", image = "a:1" }] }
 [upstreams.api.app.autoscale]
 metric = "cpu"
 [[routes]]
