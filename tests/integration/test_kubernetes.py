@@ -25,6 +25,7 @@ import pytest
 from tests.conftest import PorticoFactory
 from tests.support.kubeapi import FakeKubeApi
 from tests.support.kubepods import FakeCluster
+from tests.support.tomlwriter import dumps
 from tests.support.waiting import wait_until
 
 # Seconds the fleet gets to follow a change: far above the tenths of a second it takes.
@@ -518,3 +519,20 @@ def test_with_workers_the_master_follows_and_workers_cold_start(
     wait_until(lambda: len(served(proxy.url, 30)) == 3, SETTLE, 0.1, "every worker sees 3")
     # One watch for the whole gateway: the master's, not one per worker.
     assert kube.watching("endpointslices") == 1
+
+
+def test_reload_to_another_service_moves_traffic_without_failures(
+    kube: FakeKubeApi, cluster: FakeCluster, portico: PorticoFactory, tmp_path: Path
+) -> None:
+    cluster.add_deployment("web", replicas=2)
+    cluster.add_deployment("api", replicas=1)
+    proxy = portico(config(kube, tmp_path, {"kubernetes": {"service": "web"}}))
+    wait_until(lambda: len(served(proxy.url, 8)) == 2, SETTLE, 0.1)
+    api_pod = cluster.pods("api")[0][0]
+    with Traffic(proxy.url) as traffic:
+        cfg = config(kube, tmp_path, {"kubernetes": {"service": "api"}})
+        cfg["server"] = {"listen": [f"127.0.0.1:{proxy.port}"]}
+        proxy.config_path.write_text(dumps(cfg))
+        os.kill(proxy.pid, signal.SIGHUP)
+        wait_until(lambda: traffic.served[-20:] == [api_pod] * 20, SETTLE, 0.05, "api only")
+    assert traffic.failures == [], traffic.failures[:5]

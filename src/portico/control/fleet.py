@@ -17,6 +17,7 @@ from portico.config.model import App
 class Fleet(Protocol):
     name: str
     spec: App
+    desired: int
 
     def set_desired(self, n: int) -> None:
         """Ask for ``n`` instances (clamped to the app's min and max)."""

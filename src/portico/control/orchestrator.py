@@ -21,6 +21,7 @@ from portico.config.model import App, Config
 from portico.control.autoscaler import Autoscaler
 from portico.control.discovery import Discovery
 from portico.control.draining import wait_drained
+from portico.control.fleet import Fleet
 from portico.control.kubeapi import KubeApi
 from portico.control.kubefleet import DeploymentFleet
 from portico.control.kubewatch import SliceWatch
@@ -143,9 +144,30 @@ class Orchestrator:
                 scaler = self.autoscalers.pop(name, None)
                 if scaler is not None:
                     self._retire(scaler.stop())
-                self._retire(fleet.stop())
                 if new_app is None:
                     self.events.add(name, "reload", f"deployment of {name} no longer followed")
+                    self._retire(self._leave_fleet(fleet, name))
+                else:
+                    self._retire(fleet.stop())
+
+    async def _leave_fleet(self, fleet: DeploymentFleet, name: str) -> None:
+        """The upstream is no longer the Deployment's: its pods' endpoints serve until the
+        app that replaces it (if any) has a ready instance, then leave. The Deployment
+        itself is left as it is."""
+        await fleet.stop()
+        successor = self.supervisors.get(name)
+        if successor is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + successor.spec.ready_timeout
+            while not successor.ready and successor.desired > 0 and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        try:
+            service = fleet.service_of()
+        except KeyError:
+            return  # the upstream is gone with its endpoints
+        pods = {(host, port) for host, port, _ in fleet.watch.rows}
+        for ep in [e for e in service.endpoints if e.address in pods]:
+            membership.leave(service, ep)
 
     def kubernetes_status(self) -> dict[str, Any]:
         """JSON-able: leadership, and each Kubernetes upstream's state (for the admin API)."""
@@ -192,19 +214,20 @@ class Orchestrator:
                 else:
                     self.events.add(name, "reload", f"app {name} changed: replacing it")
                     self._start_upstream(name)
-                    self._retire(self._stop_app(sup, scaler, self.supervisors[name]))
+                    successor = self.supervisors.get(name) or self.fleets.get(name)
+                    self._retire(self._stop_app(sup, scaler, successor))
         for name in config.upstreams:
             self._start_upstream(name)
 
     async def _stop_app(
-        self, old: Supervisor, scaler: Autoscaler | None, successor: Supervisor | None
+        self, old: Supervisor, scaler: Autoscaler | None, successor: Fleet | None
     ) -> None:
         if scaler is not None:
             await scaler.stop()
         if successor is not None and old.ready:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + successor.spec.ready_timeout
-            while not successor.ready and successor.desired > 0 and loop.time() < deadline:
+            while not successor.ready_count() and successor.desired > 0 and loop.time() < deadline:
                 await asyncio.sleep(0.05)
         await old.stop()
 
