@@ -27,9 +27,12 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.discovery_v1 import EndpointSlice
 
 from portico.config.kube import Kubernetes, LeaderElection
+from portico.config.model import Config
 from portico.control.kubeapi import KubeApi, KubeError
 from portico.control.leader import LeaderElector
+from portico.control.orchestrator import Orchestrator
 from portico.runtime.events import EventLog
+from portico.runtime.snapshot import compile_config
 from tests.support.kubeapi import TOKEN, Exchange, FakeKubeApi
 
 DATA = Path(__file__).parent.parent / "data" / "k8s"
@@ -310,3 +313,36 @@ async def wait(predicate: Any, timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+def test_orchestrator_status_for_the_admin_api(kube: FakeKubeApi, tmp_path: Path) -> None:
+    """``Orchestrator.kubernetes_status()``: what the admin API shows, JSON as it is."""
+    put(kube, "endpointslices", a_slice("web-a1b2c", "10.0.0.1", "10.0.0.2"))
+    config = Config.model_validate(
+        {
+            "kubernetes": {
+                "kubeconfig": str(kube.kubeconfig(tmp_path)),
+                "leader_election": {"identity": "me", "lease_duration": 2, "renew_every": 0.2},
+            },
+            "upstreams": {"web": {"kubernetes": {"service": "web", "port": "http"}}},
+        }
+    )
+    snapshot = compile_config(config, None)
+
+    async def go() -> dict[str, Any]:
+        orchestrator = Orchestrator(config, lambda: snapshot)
+        orchestrator.start()
+        try:
+            await wait(lambda: orchestrator.kubernetes_status()["leader"]["leader"])
+            await wait(lambda: len(snapshot.services["web"].endpoints) == 2)
+            return json.loads(json.dumps(orchestrator.kubernetes_status()))
+        finally:
+            await orchestrator.stop()
+
+    status = asyncio.run(go())
+    assert status["leader"]["leader"] is True
+    assert status["leader"]["holder"] == "me"
+    assert status["leader"]["lease"] == "default/portico"
+    assert status["services"]["web"]["endpoints"] == ["10.0.0.1:8080", "10.0.0.2:8080"]
+    assert status["services"]["web"]["problem"] is None
+    assert status["deployments"] == {}
