@@ -218,7 +218,17 @@ class DeploymentFleet:
                 "template": template,
             },
         }
-        Deployment.from_dict(body)  # the model refuses a malformed template before the API
+        try:  # the model refuses a malformed template before the API does
+            Deployment.from_dict(body)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise KubeError(
+                422,
+                f"app.kubernetes.template is not a pod template: {exc}",
+                verb="create",
+                resource="deployments",
+                namespace=self.namespace,
+                name=self.kube.deployment,
+            ) from exc
         created = await self.api.request(
             "POST",
             deployment_path(self.namespace),

@@ -44,6 +44,7 @@ log = logging.getLogger("portico.kubernetes")
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 LIST_LIMIT = "500"  # slices per list page (a Service has one per 100 endpoints)
+QUICK_END = 1.0  # seconds: a watch the server ends sooner than this is re-opened after a pause
 
 
 def slices_path(namespace: str) -> str:
@@ -125,8 +126,14 @@ class SliceWatch:
                 self.namespace = self.spec.namespace or self.api.namespace
                 await self._list()
                 backoff.reset()
+                loop = asyncio.get_running_loop()
                 while True:
+                    began = loop.time()
                     await self._watch()  # ended by the server: re-watch from self.version
+                    if loop.time() - began < QUICK_END:
+                        # A server (or a proxy before it) ending watches at once would
+                        # otherwise have us re-watch in a tight loop.
+                        await asyncio.sleep(backoff.next())
             except KubeError as exc:
                 if exc.gone:
                     log.info("endpointslices %s: 410 Gone, listing again", self.name)
@@ -164,7 +171,8 @@ class SliceWatch:
                 params=params,
             )
             for item in page.get("items") or ():
-                found[_key(item)] = _checked(item)
+                if self._readable(item):
+                    found[_key(item)] = item
             meta = page.get("metadata") or {}
             version = str(meta.get("resourceVersion") or version)
             cont = meta.get("continue")
@@ -194,13 +202,27 @@ class SliceWatch:
             obj = event.get("object") or {}
             version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
             if kind in ("ADDED", "MODIFIED"):
-                self.slices[_key(obj)] = _checked(obj)
+                if self._readable(obj):
+                    self.slices[_key(obj)] = obj
+                else:
+                    self.slices.pop(_key(obj), None)
             elif kind == "DELETED":
                 self.slices.pop(_key(obj), None)
             if version:
                 self.version = version
             if kind != "BOOKMARK":
                 self._apply()
+
+    def _readable(self, obj: dict[str, Any]) -> bool:
+        """Whether lightkube's model reads the slice; one it cannot is left out, and said."""
+        from lightkube.resources.discovery_v1 import EndpointSlice
+
+        try:
+            EndpointSlice.from_dict(obj)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            log.warning("endpointslices %s: slice %s left out: %s", self.name, _key(obj), exc)
+            return False
+        return True
 
     def _apply(self) -> None:
         service = self.service_of()
@@ -234,14 +256,3 @@ class SliceWatch:
 def _key(obj: dict[str, Any]) -> str:
     meta = obj.get("metadata") or {}
     return str(meta.get("uid") or meta.get("name") or "")
-
-
-def _checked(obj: dict[str, Any]) -> dict[str, Any]:
-    """The slice, after lightkube's model has read it (a shape error is reported, not used)."""
-    from lightkube.resources.discovery_v1 import EndpointSlice
-
-    try:
-        EndpointSlice.from_dict(obj)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise KubeError(500, f"malformed EndpointSlice: {exc}") from exc
-    return obj

@@ -230,7 +230,10 @@ class LeaderElector:
 def _record(lease: dict[str, Any]) -> Record:
     from lightkube.resources.coordination_v1 import Lease
 
-    model: Any = Lease.from_dict(lease)
+    try:
+        model: Any = Lease.from_dict(lease)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise KubeError(500, f"malformed Lease: {exc}", verb="get", resource="leases") from exc
     spec = model.spec
     meta = model.metadata
     return Record(
