@@ -536,3 +536,15 @@ def test_reload_to_another_service_moves_traffic_without_failures(
         os.kill(proxy.pid, signal.SIGHUP)
         wait_until(lambda: traffic.served[-20:] == [api_pod] * 20, SETTLE, 0.05, "api only")
     assert traffic.failures == [], traffic.failures[:5]
+
+
+def test_slow_api_still_followed(
+    kube: FakeKubeApi, cluster: FakeCluster, portico: PorticoFactory, tmp_path: Path
+) -> None:
+    cluster.add_deployment("web", replicas=1)
+    kube.delay = 0.5  # every answer of the API half a second late
+    proxy = portico(config(kube, tmp_path, {"kubernetes": {"service": "web"}}))
+    wait_until(lambda: len(served(proxy.url, 4)) == 1, SETTLE, 0.1)
+    set_replicas(kube, 3)
+    wait_until(lambda: len(served(proxy.url, 12)) == 3, SETTLE, 0.1, "3 pods via a slow API")
+    assert "WARNING portico.kubernetes" not in proxy.output()  # slow is not an error
