@@ -20,7 +20,8 @@ Faults: ``fail()`` (the next N requests to a path answer 500, or 429 with Retry-
 ERROR event, then the history compacted), ``delay`` (a slow API).
 
 Every request is recorded (``transcript``): method, path, query, body, status, answer.
-The pods behind Deployments are in ``tests.support.kubepods``.
+Lists and watches are in ``tests.support.kubelists``, single-object verbs in
+``tests.support.kubeverbs``, the pods behind Deployments in ``tests.support.kubepods``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from lightkube.models.meta_v1 import ListMeta, ObjectMeta, Status
+from lightkube.models.meta_v1 import ListMeta, Status
 
 from tests.support.lifecycle import StartStop
 from tests.support.ports import free_port
@@ -323,8 +324,10 @@ class FakeKubeApi(StartStop):
         self.transcript.append(exchange)
         code, answer, extra = self._route(method, path, query, headers, body)
         if isinstance(answer, Watch):
+            from tests.support.kubelists import stream
+
             exchange.answer = exchange.events
-            await self._stream(answer, exchange, writer)
+            await stream(self, answer, exchange, writer)
             return False
         exchange.status, exchange.answer = code, answer
         data = json.dumps(answer).encode()
@@ -369,120 +372,16 @@ class FakeKubeApi(StartStop):
             )
             details = {"kind": resource, "group": group, **({"name": name} if name else {})}
             return 403, status(403, "Forbidden", message, **details), {}
+        from tests.support.kubelists import list_objects, open_watch, pod_metrics
+
         if resource == "pods" and group == "metrics.k8s.io":
-            return self._metrics(ns, query)
+            return pod_metrics(self, ns, query)
         if resource not in KINDS or GROUPS[resource][0] != group:
             return 404, status(404, "NotFound", f"the server could not find {path}"), {}
         if verb == "watch":
-            return 200, self._open_watch(resource, ns, query), {}
+            return 200, open_watch(self, resource, ns, query), {}
         if verb == "list":
-            return self._list(resource, ns, query)
+            return list_objects(self, resource, ns, query)
         from tests.support.kubeverbs import handle
 
         return handle(self, verb, resource, ns, name, sub, body)
-
-    def _list(
-        self, resource: str, ns: str, query: dict[str, str]
-    ) -> tuple[int, Any, dict[str, str]]:
-        selector = selector_of(query.get("labelSelector", ""))
-        found = [
-            copy.deepcopy(o)
-            for (r, n, _), o in sorted(self.objects.items())
-            if r == resource and n == ns and matches(o, selector)
-        ]
-        limit = int(query.get("limit") or 0) or len(found) or 1
-        start = int(query.get("continue") or 0)
-        page = found[start : start + limit]
-        more = start + limit < len(found)
-        group, version = GROUPS[resource]
-        meta = ListMeta(
-            resourceVersion=str(self.version), **({"continue_": str(start + limit)} if more else {})
-        )
-        return (
-            200,
-            {
-                "apiVersion": f"{group}/{version}",
-                "kind": f"{KINDS[resource]}List",
-                "metadata": meta.to_dict(),
-                "items": page,
-            },
-            {},
-        )
-
-    def _open_watch(self, resource: str, ns: str, query: dict[str, str]) -> Watch:
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        selector = selector_of(query.get("labelSelector", ""))
-        since = query.get("resourceVersion")
-        watch = Watch(resource, ns, selector, queue, query.get("allowWatchBookmarks") == "true")
-        if since and int(since) < self.compacted:
-            watch.live = False
-            gone = status(410, "Expired", f"too old resource version: {since} ({self.compacted})")
-            queue.put_nowait({"type": "ERROR", "object": gone})
-            queue.put_nowait(None)
-        elif since:
-            for rv, res, kind, obj in self.history:
-                same = res == resource and obj["metadata"]["namespace"] == ns
-                if rv > int(since) and same and matches(obj, selector):
-                    queue.put_nowait({"type": kind, "object": copy.deepcopy(obj)})
-        else:  # no version: the current state as ADDED events, then changes
-            for (res, n, _), obj in sorted(self.objects.items()):
-                if res == resource and n == ns and matches(obj, selector):
-                    queue.put_nowait({"type": "ADDED", "object": copy.deepcopy(obj)})
-        return watch
-
-    async def _stream(self, watch: Watch, exchange: Exchange, writer: asyncio.StreamWriter) -> None:
-        watch.writer = writer
-        if watch.live:
-            self.watches.append(watch)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-        )
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(watch.queue.get(), self.bookmark_every)
-                except TimeoutError:
-                    if not watch.bookmarks:
-                        continue
-                    group, version = GROUPS[watch.resource]
-                    event = {
-                        "type": "BOOKMARK",
-                        "object": {
-                            "kind": KINDS[watch.resource],
-                            "apiVersion": f"{group}/{version}",
-                            "metadata": ObjectMeta(resourceVersion=str(self.version)).to_dict(),
-                        },
-                    }
-                if event is None:
-                    writer.write(b"0\r\n\r\n")
-                    break
-                exchange.events.append(event)
-                line = json.dumps(event).encode() + b"\n"
-                writer.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            if watch in self.watches:
-                self.watches.remove(watch)
-
-    def _metrics(self, ns: str, query: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
-        if self.metrics is None:
-            return (
-                404,
-                status(404, "NotFound", "the server could not find the requested resource"),
-                {},
-            )
-        selector = selector_of(query.get("labelSelector", ""))
-        items = [m for m in self.metrics.values() if matches(m, selector)]
-        return (
-            200,
-            {
-                "kind": "PodMetricsList",
-                "apiVersion": "metrics.k8s.io/v1beta1",
-                "metadata": {},
-                "items": copy.deepcopy(items),
-            },
-            {},
-        )
