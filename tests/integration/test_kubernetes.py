@@ -177,6 +177,8 @@ def test_dropped_watch_and_410_lose_no_endpoint(
         served_from = len(traffic.served)
         wait_until(lambda: set(traffic.served[served_from:][-30:]) == alive, SETTLE, 0.05)
     assert traffic.failures == [], traffic.failures[:5]
+    # No endpoint duplicated: round robin gives each of the 2 pods exactly half.
+    assert sorted(served(proxy.url, 40).values()) == [20, 20]
     lists = [
         e for e in kube.transcript if "endpointslices" in e.path and e.query.get("watch") != "true"
     ]

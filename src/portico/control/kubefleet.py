@@ -84,6 +84,7 @@ class DeploymentFleet:
         self.leading: Callable[[], bool] = lambda: True
         self.watch = SliceWatch(name, self.kube.endpoints(), api, service_of, events)
         self._wake = asyncio.Event()
+        self._demanded = False  # a cold start asked for before the first read
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -115,6 +116,7 @@ class DeploymentFleet:
             self.events.add(self.name, "scale", f"scale {self.name} 0 -> 1: cold start")
             log.info("scale %s 0 -> 1: cold start on the first request", self.name)
             self.desired = max(1, self.desired)
+            self._demanded = True
             self._wake.set()
 
     def ready_count(self) -> int:
@@ -258,6 +260,8 @@ class DeploymentFleet:
             # Adopt the running count, within the app's bounds (a Portico restart must not
             # reset a scaled-up Deployment to min).
             self.desired = max(self.spec.min, min(self.spec.max, replicas))
+            if self._demanded:
+                self.desired = max(1, self.desired)
         wants_cold_start = self.desired > 0 and replicas == 0
         if not self.leading() and not wants_cold_start:
             self.desired = replicas
