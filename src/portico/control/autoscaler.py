@@ -65,12 +65,13 @@ class Autoscaler:
             )
         )
         self.decisions: list[Decision] = []
-        # Several Portico replicas: only the leader decides (control.leader); the others
-        # keep sampling, so a new leader starts from a fresh signal.
+        # Several Portico replicas: only the leader applies decisions (control.leader); the
+        # others keep sampling and feeding the scaler, so a new leader has a full window.
         self.leading: Callable[[], bool] = lambda: True
         self._task: asyncio.Task[None] | None = None
         self._last_requests = 0
         self._last_busy: float | None = None
+        self._started = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -86,11 +87,12 @@ class Autoscaler:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         self._last_busy = loop.time()
+        self._started = loop.time()
         self._last_requests = self._requests()
         while True:
             observed = await self._sample(loop)
-            if observed is not None and self.leading():
-                self._step(observed, loop.time())
+            if observed is not None:
+                self._step(observed, loop.time(), act=self.leading())
 
     def _requests(self) -> int:
         return sum(ep.requests for ep in self.service_of().endpoints)
@@ -125,7 +127,9 @@ class Autoscaler:
             return p95(values)
         return self.supervisor.cpu_percent()  # None: no CPU signal (no metrics API)
 
-    def _step(self, observed: float, now: float) -> None:
+    def _step(self, observed: float, now: float, act: bool = True) -> None:
+        """Decide from one sample; apply only when ``act`` (this Portico leads). A follower
+        still feeds the scaler, so a new leader decides from a full window, not one sample."""
         sup = self.supervisor
         current = sup.counted_count()
         spec = sup.spec
@@ -134,6 +138,7 @@ class Autoscaler:
             and current > 0
             and self._last_busy is not None
             and now - self._last_busy >= self.rule.idle_timeout
+            and act
         ):
             reason = f"idle for {now - self._last_busy:.0f}s >= {self.rule.idle_timeout:g}s"
             self._apply(Decision(current, 0, 0.0, reason))
@@ -141,8 +146,17 @@ class Autoscaler:
         if current == 0:
             return  # scaled to zero: only a request (cold start) brings an instance back
         decision = self.scaler.decide(current, observed, now)
-        if decision is not None:
-            self._apply(decision)
+        if decision is None or not act:
+            return
+        if (
+            decision.desired < decision.current
+            and now - self._started < self.rule.scale_down_window
+        ):
+            # Not one scale-down window of samples yet: an autoscaler that has just started
+            # (a Portico restart, adopting a Deployment or containers already scaled up for
+            # a load) would otherwise scale down on its first quiet sample.
+            return
+        self._apply(decision)
 
     def _apply(self, decision: Decision) -> None:
         name = self.supervisor.name
