@@ -552,3 +552,22 @@ def test_slow_api_still_followed(
     set_replicas(kube, 3)
     wait_until(lambda: len(served(proxy.url, 12)) == 3, SETTLE, 0.1, "3 pods via a slow API")
     assert "WARNING portico.kubernetes" not in proxy.output()  # slow is not an error
+
+
+def test_adopted_deployment_not_scaled_down_before_a_full_window(
+    kube: FakeKubeApi, cluster: FakeCluster, portico: PorticoFactory, tmp_path: Path
+) -> None:
+    cluster.add_deployment("web", replicas=3)  # scaled up for a load this Portico never saw
+    app = {
+        "kubernetes": {"deployment": "web"},
+        "min": 1,
+        "max": 4,
+        "autoscale": {"interval": 0.3, "scale_down_window": 3, "cooldown": 0.3},
+    }
+    proxy = portico(config(kube, tmp_path, {"app": app}))
+    began = time.monotonic()
+    wait_until(lambda: len(served(proxy.url, 9)) == 3, SETTLE, 0.1)
+    time.sleep(max(0.0, 1.5 - (time.monotonic() - began)))
+    assert replicas(kube) == 3  # quiet, but not one window of samples yet
+    wait_until(lambda: replicas(kube) < 3, SETTLE, 0.05, "scaled down after the window")
+    assert time.monotonic() - began >= 2.5
