@@ -346,3 +346,44 @@ def test_orchestrator_status_for_the_admin_api(kube: FakeKubeApi, tmp_path: Path
     assert status["services"]["web"]["endpoints"] == ["10.0.0.1:8080", "10.0.0.2:8080"]
     assert status["services"]["web"]["problem"] is None
     assert status["deployments"] == {}
+
+
+def test_terminating_endpoint_drains_then_leaves(kube: FakeKubeApi, tmp_path: Path) -> None:
+    """The Endpoint object stays (draining: balancers skip it, its in-flight count goes on)
+    while the slice lists it terminating, and leaves with it."""
+    put(kube, "endpointslices", a_slice("web-a1b2c", "10.0.0.1", "10.0.0.2"))
+    config = Config.model_validate(
+        {
+            "kubernetes": {"kubeconfig": str(kube.kubeconfig(tmp_path))},
+            "upstreams": {"web": {"kubernetes": {"service": "web"}}},
+        }
+    )
+    snapshot = compile_config(config, None)
+    service = snapshot.services["web"]
+
+    def states() -> dict[str, bool]:
+        return {ep.label: ep.draining for ep in service.endpoints}
+
+    async def go() -> None:
+        orchestrator = Orchestrator(config, lambda: snapshot)
+        orchestrator.start()
+        try:
+            await wait(lambda: len(service.endpoints) == 2)
+            leaving = next(ep for ep in service.endpoints if ep.host == "10.0.0.2")
+            leaving.in_flight = 1  # a request in progress on it
+            terminating = a_slice("web-a1b2c", "10.0.0.1", "10.0.0.2")
+            terminating["endpoints"][1]["conditions"] = {
+                "ready": False,
+                "serving": True,
+                "terminating": True,
+            }
+            put(kube, "endpointslices", terminating)
+            await wait(lambda: states() == {"10.0.0.1:8080": False, "10.0.0.2:8080": True})
+            assert any(ep is leaving for ep in service.endpoints)  # the same object
+            assert leaving.in_flight == 1
+            put(kube, "endpointslices", a_slice("web-a1b2c", "10.0.0.1"))
+            await wait(lambda: states() == {"10.0.0.1:8080": False})
+        finally:
+            await orchestrator.stop()
+
+    asyncio.run(go())
