@@ -571,3 +571,39 @@ def test_adopted_deployment_not_scaled_down_before_a_full_window(
     assert replicas(kube) == 3  # quiet, but not one window of samples yet
     wait_until(lambda: replicas(kube) < 3, SETTLE, 0.05, "scaled down after the window")
     assert time.monotonic() - began >= 2.5
+
+
+def test_watch_ended_by_server_resumes_from_the_bookmark(
+    kube: FakeKubeApi, cluster: FakeCluster, portico: PorticoFactory, tmp_path: Path
+) -> None:
+    cluster.add_deployment("web", replicas=2)
+    proxy = portico(config(kube, tmp_path, {"kubernetes": {"service": "web"}}))
+    wait_until(lambda: len(served(proxy.url, 8)) == 2, SETTLE, 0.1)
+    slice_version = int(
+        kube.run(lambda: kube.get("endpointslices", "default", "web-x7k2p"))["metadata"][
+            "resourceVersion"
+        ]
+    )
+    set_replicas(kube, 2)  # other objects move the store's version past the slice's
+    bumped = kube.run(lambda: kube.version)
+    assert bumped > slice_version
+
+    def watches() -> list[Any]:
+        return [e for e in kube.transcript if "endpointslices" in e.path and e.query.get("watch")]
+
+    def bookmarked() -> bool:
+        return any(
+            ev["type"] == "BOOKMARK" and int(ev["object"]["metadata"]["resourceVersion"]) >= bumped
+            for ev in watches()[-1].events
+        )
+
+    wait_until(bookmarked, SETTLE, 0.05, "a bookmark past the slice's version")
+    lists = len(kube.transcript) - len(watches())
+    seen = len(watches())
+    kube.end_watches()
+    wait_until(lambda: len(watches()) > seen, SETTLE, 0.05, "a new watch")
+    resumed = watches()[-1]
+    assert int(resumed.query["resourceVersion"]) >= bumped  # from the bookmark, no re-list
+    assert resumed.query["allowWatchBookmarks"] == "true"
+    assert len(kube.transcript) - len(watches()) == lists
+    assert len(served(proxy.url, 8)) == 2

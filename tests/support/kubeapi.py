@@ -212,6 +212,10 @@ class FakeKubeApi(StartStop):
             lambda: (self.forbidden.discard if allowed else self.forbidden.add)((verb, resource))
         )
 
+    def end_watches(self) -> None:
+        """End every watch as the server does after timeoutSeconds: the final chunk."""
+        self.run(lambda: self._end_watches(None))
+
     def drop_watches(self) -> None:
         """Cut every watch stream mid-way: the socket closes without the final chunk."""
         self.run(lambda: self._end_watches("drop"))
