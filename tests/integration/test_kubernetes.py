@@ -491,6 +491,7 @@ def test_cpu_signal_from_metrics_api_and_its_absence(
     wait_until(lambda: "no metrics API (metrics.k8s.io): no CPU signal" in proxy.output(), SETTLE)
     time.sleep(1.5)  # several intervals without a signal: no decision
     assert replicas(kube) == 1
+    assert proxy.output().count("no metrics API") == 1  # said once, not every read
 
     def metrics() -> None:  # metrics-server's PodMetrics: 900m of one core in the one pod
         kube.metrics = {

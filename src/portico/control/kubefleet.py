@@ -85,6 +85,7 @@ class DeploymentFleet:
         self.watch = SliceWatch(name, self.kube.endpoints(), api, service_of, events)
         self._wake = asyncio.Event()
         self._demanded = False  # a cold start asked for before the first read
+        self._no_metrics = False
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -198,7 +199,19 @@ class DeploymentFleet:
         except KubeError as exc:
             if exc.status != 404 or self.kube.template is None:
                 raise
-            found = await self._create()
+            try:
+                found = await self._create()
+            except KubeError as race:
+                if race.status != 409:  # 409: another Portico created it first: read it
+                    raise
+                found = await self.api.request(
+                    "GET",
+                    deployment_path(self.namespace, name),
+                    verb="get",
+                    resource="deployments",
+                    namespace=self.namespace,
+                    name=name,
+                )
         labels = ((found.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
         self.selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
@@ -308,14 +321,15 @@ class DeploymentFleet:
             )
         except KubeError as exc:
             if exc.status in (404, 503):
-                if self.cpu is not None or self.problem is None:
-                    log.warning(
-                        "deployment %s: no metrics API (metrics.k8s.io): no CPU signal",
-                        self.name,
-                    )
+                if not self._no_metrics:  # said once, until the API is back
+                    self._no_metrics = True
+                    message = "no metrics API (metrics.k8s.io): no CPU signal"
+                    self.events.add(self.name, "kubernetes", message)
+                    log.warning("deployment %s: %s", self.name, message)
                 self.cpu = None
                 return
             raise
+        self._no_metrics = False
         per_pod = [
             sum(parse_cpu(str((c.get("usage") or {}).get("cpu") or "0")) for c in containers)
             for containers in (item.get("containers") or () for item in found.get("items") or ())
