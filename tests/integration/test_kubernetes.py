@@ -144,7 +144,8 @@ def test_endpoints_follow_scale_up_and_down_with_draining(
         SETTLE,
         0.02,
     )
-    time.sleep(0.3)  # the watch event reaches Portico (it then drains them)
+    # Portico has seen them terminating: it drains them (its log says so).
+    wait_until(lambda: "web: 1 ready, 4 draining" in proxy.output(), SETTLE, 0.02)
     fresh = served(proxy.url, 20)
     for t in threads:
         t.join(10)
@@ -380,7 +381,6 @@ def test_leader_takeover_within_lease_time(
     first = replica("p1")
     wait_until(lambda: holder() == "p1", SETTLE, 0.05)
     second = replica("p2")
-    wait_until(lambda: "p2" in second.output() or True, 1)
     time.sleep(2.5)  # p2 tries twice meanwhile, and follows
     assert holder() == "p1"
     assert len(served(second.url, 2)) == 1  # a follower routes all the same
@@ -392,11 +392,11 @@ def test_leader_takeover_within_lease_time(
     assert took <= 3 + 1 + 1, took  # lease duration + one try + slack
     lease = kube.run(lambda: kube.get("leases", "default", "portico"))
     assert lease["spec"]["leaseTransitions"] >= 1
-    conflicts = [e for e in kube.transcript if "leases" in e.path and e.status == 409]
     puts = [e for e in kube.transcript if "leases" in e.path and e.method == "PUT"]
     assert puts, "renewals are PUTs carrying the resourceVersion"
     assert all(e.body["metadata"].get("resourceVersion") for e in puts)
-    del conflicts  # races may or may not happen; a stale write is tested in test_kube_wire
+    # A race for the lease may or may not happen here; a stale write's 409 is tested in
+    # test_kube_wire.test_election_conflict_takeover_and_status.
 
 
 def test_leader_release_on_clean_stop(
