@@ -479,7 +479,11 @@ def summarize(config: Config, source: str) -> list[str]:
             what = app.wsgi or app.asgi or " ".join(app.command or [])
             if app.docker is not None:
                 what = f"docker {app.docker.image}"
+            if app.kubernetes is not None:
+                what = f"deployment {app.kubernetes.deployment}"
             backends = f"app {what!r}, {app.min}..{app.max} instances"
+        if upstream.kubernetes is not None:
+            backends = f"pods of service {upstream.kubernetes.service} (EndpointSlices)"
         if upstream.discover is not None:
             selector = ", ".join(f"{k}={v}" for k, v in upstream.discover.selector().items())
             backends = f"containers with {selector}"

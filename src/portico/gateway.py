@@ -146,6 +146,8 @@ def prepare_reload(current: Config, new: Config) -> tuple[Config, ReloadResult]:
     restart = [
         f"server.{k}" for k in STATIC_KEYS if getattr(new.server, k) != getattr(current.server, k)
     ]
+    if new.kubernetes != current.kubernetes:
+        restart.append("kubernetes")  # one API client and one leader election per process
     server = new.server.model_copy(update={k: getattr(current.server, k) for k in STATIC_KEYS})
     upstreams = dict(new.upstreams)
     for name, up in new.upstreams.items():
@@ -160,7 +162,12 @@ def prepare_reload(current: Config, new: Config) -> tuple[Config, ReloadResult]:
         if not t.ticket_secret and was.listen == t.listen:
             tls[i] = t.model_copy(update={"ticket_secret": was.ticket_secret})
     config = with_secrets(
-        new.model_copy(update={"server": server, "upstreams": upstreams, "tls": tls})
+        new.model_copy(update={
+            "server": server,
+            "upstreams": upstreams,
+            "tls": tls,
+            "kubernetes": current.kubernetes,
+        })
     )
     changed = [
         name for name in Config.model_fields if getattr(config, name) != getattr(current, name)
@@ -173,7 +180,7 @@ def managed_upstreams(config: Config) -> set[str]:
     return {
         name
         for name, up in config.upstreams.items()
-        if up.app is not None or up.discover is not None
+        if up.app is not None or up.discover is not None or up.kubernetes is not None
     }
 
 
@@ -286,7 +293,7 @@ class Control:
     def _restart_apps(self) -> None:
         # Handled even without apps (a reload may add some): the default action of a stray
         # `kill -USR1` would terminate the server.
-        if self.orchestrator.supervisors:
+        if self.orchestrator.supervisors or self.orchestrator.fleets:
             self.orchestrator.rolling_restart()
         else:
             log.info("SIGUSR1: no apps to restart")
@@ -298,7 +305,9 @@ class Control:
         self.orchestrator.apply(config, previous)
 
     def scale(self, upstream: str, n: int) -> bool:
-        supervisor = self.orchestrator.supervisors.get(upstream)
+        supervisor = self.orchestrator.supervisors.get(upstream) or self.orchestrator.fleets.get(
+            upstream
+        )
         if supervisor is None:
             return False
         supervisor.set_desired(n)
@@ -672,8 +681,11 @@ class _Master:
         control = self.gateway.control
         if control is not None:
             supervisor = control.orchestrator.supervisors.get(upstream)
+            fleet = control.orchestrator.fleets.get(upstream)
             if supervisor is not None:
                 supervisor.demand()
+            elif fleet is not None:
+                fleet.demand()
 
     def _spawn(self) -> Any:
         ours, theirs = self.mp.Pipe(duplex=True)

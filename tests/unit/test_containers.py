@@ -42,7 +42,7 @@ def test_docker_app_loads_with_host_networking_by_default() -> None:
 @pytest.mark.parametrize(
     ("extra", "reason"),
     [
-        ('command = ["x"]', "give exactly one of command, wsgi, asgi or docker"),
+        ('command = ["x"]', "give exactly one of command, wsgi, asgi, docker or kubernetes"),
         ('cwd = "/srv"', "cwd does not apply to docker"),
     ],
 )

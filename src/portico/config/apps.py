@@ -12,6 +12,7 @@ from pydantic import (
     model_validator,
 )
 
+from portico.config.kube import KubeDeployment
 from portico.config.types import Argv, NonNegSeconds, PositiveSeconds, Size, Strict
 
 
@@ -88,6 +89,9 @@ class App(Strict):
     wsgi: str | None = Field(None, description="module:app served by gunicorn")
     asgi: str | None = Field(None, description="module:app served by uvicorn")
     docker: DockerRun | None = Field(None, description="containers of an image instead")
+    kubernetes: KubeDeployment | None = Field(
+        None, description="the pods of a Kubernetes Deployment instead (Portico sets replicas)"
+    )
     cwd: str | None = Field(None, description="working directory of the instances")
     env: dict[str, str] = Field(default_factory=dict)
     min: int = Field(1, ge=0, le=256)
@@ -113,9 +117,9 @@ class App(Strict):
 
     @model_validator(mode="after")
     def _one_way_to_run(self) -> App:
-        given = [k for k in ("command", "wsgi", "asgi", "docker") if getattr(self, k)]
+        given = [k for k in ("command", "wsgi", "asgi", "docker", "kubernetes") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError("give exactly one of command, wsgi, asgi or docker")
+            raise ValueError("give exactly one of command, wsgi, asgi, docker or kubernetes")
         if self.docker is not None and self.cwd is not None:
             raise ValueError("cwd does not apply to docker (the image sets its own)")
         if self.min > self.max:

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from portico.config.apps import App, Autoscale, Discover, DockerRun
+from portico.config.kube import KubeEndpoints, Kubernetes
 from portico.config.routes import RequestId, Route
 from portico.config.tls import BackendTls, Hsts, TlsListener, hsts_flag
 from portico.config.traffic import (
@@ -259,6 +260,9 @@ class Upstream(Strict):
     discover: Discover | None = Field(
         None, description="endpoints found in Docker by labels, instead of backends"
     )
+    kubernetes: KubeEndpoints | None = Field(
+        None, description="endpoints from a Kubernetes Service's EndpointSlices, instead"
+    )
     balancer: str = "round_robin"
     hash_key: str = Field(
         "client_ip",
@@ -288,7 +292,7 @@ class Upstream(Strict):
 
     @model_validator(mode="after")
     def _backends_or_app(self) -> Upstream:
-        given = [k for k in ("backends", "app", "discover") if getattr(self, k)]
+        given = [k for k in ("backends", "app", "discover", "kubernetes") if getattr(self, k)]
         if len(given) > 1:
             raise ValueError(f"give one of backends, app or discover, not {' and '.join(given)}")
         return self
@@ -347,6 +351,9 @@ class Config(Strict):
     @classmethod
     def _hsts_flag(cls, v: object) -> object:
         return hsts_flag(v)
+    kubernetes: Kubernetes = Field(
+        default_factory=Kubernetes, description="reaching the cluster, leader election"
+    )
 
     @field_validator("request_id", mode="before")
     @classmethod

@@ -47,9 +47,16 @@ def check_apps(config: Config) -> list[tuple[str, str]]:
     """Every problem found with the config's local apps, as ``(key path, reason)``."""
     problems: list[tuple[str, str]] = []
     no_sdk = importlib.util.find_spec("docker") is None
+    no_kube = importlib.util.find_spec("lightkube") is None
     for name, upstream in config.upstreams.items():
         app = upstream.app
-        if app is not None and app.docker is None:
+        kube = upstream.kubernetes is not None or (app is not None and app.kubernetes is not None)
+        if kube:
+            if no_kube:
+                path = f"upstreams.{name}.{'app.kubernetes' if app is not None else 'kubernetes'}"
+                why = "the kubernetes client is not installed: pip install -e '.[kubernetes]'"
+                problems.append((path, why))
+        elif app is not None and app.docker is None:
             path = f"upstreams.{name}.app"
             problems.extend((f"{path}.{key}", why) for key, why in check_app(app))
         elif no_sdk and (app is not None or upstream.discover is not None):

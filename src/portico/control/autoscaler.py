@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 
 from portico.config.model import Autoscale
-from portico.control.supervisor import Supervisor
+from portico.control.fleet import Fleet
 from portico.policy.scaling import Decision, Scaler, ScalingRule
 from portico.runtime.events import EventLog
 from portico.runtime.snapshot import Service
@@ -40,7 +40,7 @@ def p95(values: list[float]) -> float:
 class Autoscaler:
     def __init__(
         self,
-        supervisor: Supervisor,
+        supervisor: Fleet,
         rule: Autoscale,
         service_of: Callable[[], Service],
         events: EventLog,
@@ -65,9 +65,13 @@ class Autoscaler:
             )
         )
         self.decisions: list[Decision] = []
+        # Several Portico replicas: only the leader applies decisions (control.leader); the
+        # others keep sampling and feeding the scaler, so a new leader has a full window.
+        self.leading: Callable[[], bool] = lambda: True
         self._task: asyncio.Task[None] | None = None
         self._last_requests = 0
         self._last_busy: float | None = None
+        self._started = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -83,15 +87,17 @@ class Autoscaler:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         self._last_busy = loop.time()
+        self._started = loop.time()
         self._last_requests = self._requests()
         while True:
             observed = await self._sample(loop)
-            self._step(observed, loop.time())
+            if observed is not None:
+                self._step(observed, loop.time(), act=self.leading())
 
     def _requests(self) -> int:
         return sum(ep.requests for ep in self.service_of().endpoints)
 
-    async def _sample(self, loop: asyncio.AbstractEventLoop) -> float:
+    async def _sample(self, loop: asyncio.AbstractEventLoop) -> float | None:
         """One interval's value of the metric, per ready instance."""
         interval = self.rule.interval
         metric = self.rule.metric
@@ -102,8 +108,7 @@ class Autoscaler:
             service = self.service_of()
             in_flight_sum += sum(ep.in_flight for ep in service.endpoints)
             held += len(service.waiters)
-        ready = self.supervisor.ready
-        n = max(1, len(ready))
+        n = max(1, self.supervisor.ready_count())
         requests = self._requests()
         done = max(0, requests - self._last_requests)
         self._last_requests = requests
@@ -120,17 +125,20 @@ class Autoscaler:
             values = list(samples)
             samples.clear()
             return p95(values)
-        return sum(m.instance.cpu_percent() for m in ready) / n
+        return self.supervisor.cpu_percent()  # None: no CPU signal (no metrics API)
 
-    def _step(self, observed: float, now: float) -> None:
+    def _step(self, observed: float, now: float, act: bool = True) -> None:
+        """Decide from one sample; apply only when ``act`` (this Portico leads). A follower
+        still feeds the scaler, so a new leader decides from a full window, not one sample."""
         sup = self.supervisor
-        current = len(sup.counted)
+        current = sup.counted_count()
         spec = sup.spec
         if (
             spec.min == 0
             and current > 0
             and self._last_busy is not None
             and now - self._last_busy >= self.rule.idle_timeout
+            and act
         ):
             reason = f"idle for {now - self._last_busy:.0f}s >= {self.rule.idle_timeout:g}s"
             self._apply(Decision(current, 0, 0.0, reason))
@@ -138,8 +146,17 @@ class Autoscaler:
         if current == 0:
             return  # scaled to zero: only a request (cold start) brings an instance back
         decision = self.scaler.decide(current, observed, now)
-        if decision is not None:
-            self._apply(decision)
+        if decision is None or not act:
+            return
+        if (
+            decision.desired < decision.current
+            and now - self._started < self.rule.scale_down_window
+        ):
+            # Not one scale-down window of samples yet: an autoscaler that has just started
+            # (a Portico restart, adopting a Deployment or containers already scaled up for
+            # a load) would otherwise scale down on its first quiet sample.
+            return
+        self._apply(decision)
 
     def _apply(self, decision: Decision) -> None:
         name = self.supervisor.name

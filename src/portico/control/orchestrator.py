@@ -21,6 +21,11 @@ from portico.config.model import App, Config
 from portico.control.autoscaler import Autoscaler
 from portico.control.discovery import Discovery
 from portico.control.draining import wait_drained
+from portico.control.fleet import Fleet
+from portico.control.kubeapi import KubeApi
+from portico.control.kubefleet import DeploymentFleet
+from portico.control.kubewatch import SliceWatch
+from portico.control.leader import LeaderElector
 from portico.control.providers.base import Provider
 from portico.control.providers.local import LocalProvider
 from portico.control.supervisor import Supervisor
@@ -45,6 +50,11 @@ class Orchestrator:
         self.supervisors: dict[str, Supervisor] = {}
         self.autoscalers: dict[str, Autoscaler] = {}
         self.discoveries: dict[str, Discovery] = {}
+        # Kubernetes (control/kube*.py, control/leader.py): one API client for all.
+        self.kube = KubeApi(config.kubernetes)
+        self.slice_watches: dict[str, SliceWatch] = {}
+        self.fleets: dict[str, DeploymentFleet] = {}
+        self.elector: LeaderElector | None = None
         self._restarts: set[asyncio.Task[None]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -66,6 +76,11 @@ class Orchestrator:
         return provider
 
     def start(self) -> None:
+        election = self.config.kubernetes.leader_election
+        if election is not None:
+            self.elector = LeaderElector(election, self.kube, self.events)
+            self.kube.user_agent = f"portico ({self.elector.identity})"
+            self.elector.start()
         for name in self.config.upstreams:
             self._start_upstream(name)
 
@@ -76,7 +91,16 @@ class Orchestrator:
             self.discoveries[name] = watcher
             watcher.drain_settle = self.drain_settle
             watcher.start()
+        if upstream.kubernetes is not None and name not in self.slice_watches:
+            watch = SliceWatch(
+                name, upstream.kubernetes, self.kube, self._service(name), self.events
+            )
+            self.slice_watches[name] = watch
+            watch.start()
         app = upstream.app
+        if app is not None and app.kubernetes is not None:
+            self._start_fleet(name, app)
+            return
         if app is None or name in self.supervisors:
             return
         sup = Supervisor(name, app, self.provider_for(app), self._service(name), self.events)
@@ -88,10 +112,80 @@ class Orchestrator:
             self.autoscalers[name] = scaler
             scaler.start()
 
+    def leading(self) -> bool:
+        """Whether this Portico runs the autoscalers and rolling restarts of Deployments:
+        the Lease holder, or the only Portico when no election is configured."""
+        return self.elector is None or self.elector.is_leader()
+
+    def _start_fleet(self, name: str, app: App) -> None:
+        if name in self.fleets:
+            return
+        fleet = DeploymentFleet(name, app, self.kube, self._service(name), self.events)
+        fleet.leading = self.leading
+        self.fleets[name] = fleet
+        fleet.start()
+        if app.autoscale is not None:
+            scaler = Autoscaler(fleet, app.autoscale, self._service(name), self.events)
+            scaler.leading = self.leading
+            self.autoscalers[name] = scaler
+            scaler.start()
+
+    def _apply_kubernetes(self, old: Config, config: Config) -> None:
+        """A changed or removed Kubernetes table stops its watch or fleet (the new one, if
+        any, starts from a re-list; endpoints are kept by address meanwhile)."""
+        for name, up in old.upstreams.items():
+            new = config.upstreams.get(name)
+            if up.kubernetes is not None and (new is None or new.kubernetes != up.kubernetes):
+                self._retire(self.slice_watches.pop(name).stop())
+            old_app = up.app.kubernetes if up.app is not None else None
+            new_app = new.app.kubernetes if new is not None and new.app is not None else None
+            if old_app is not None and (new is None or new.app != up.app):
+                fleet = self.fleets.pop(name)
+                scaler = self.autoscalers.pop(name, None)
+                if scaler is not None:
+                    self._retire(scaler.stop())
+                if new_app is None:
+                    self.events.add(name, "reload", f"deployment of {name} no longer followed")
+                    self._retire(self._leave_fleet(fleet, name))
+                else:
+                    self._retire(fleet.stop())
+
+    async def _leave_fleet(self, fleet: DeploymentFleet, name: str) -> None:
+        """The upstream is no longer the Deployment's: its pods' endpoints serve until the
+        app that replaces it (if any) has a ready instance, then leave. The Deployment
+        itself is left as it is."""
+        await fleet.stop()
+        successor = self.supervisors.get(name)
+        if successor is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + successor.spec.ready_timeout
+            while not successor.ready and successor.desired > 0 and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        try:
+            service = fleet.service_of()
+        except KeyError:
+            return  # the upstream is gone with its endpoints
+        pods = {(host, port) for host, port, _ in fleet.watch.rows}
+        for ep in [e for e in service.endpoints if e.address in pods]:
+            membership.leave(service, ep)
+
+    def kubernetes_status(self) -> dict[str, Any]:
+        """JSON-able: leadership, and each Kubernetes upstream's state (for the admin API)."""
+        if self.elector is not None:
+            leader: dict[str, Any] = self.elector.status()
+        else:
+            leader = {"leader": True, "identity": None, "holder": None, "renewed": None}
+        return {
+            "leader": leader,
+            "deployments": {name: f.status() for name, f in self.fleets.items()},
+            "services": {name: w.status() for name, w in self.slice_watches.items()},
+        }
+
     def apply(self, config: Config, previous: Snapshot) -> None:
         """Follow a reload. The new snapshot is already swapped in; ``previous`` is the one
         it replaced, whose services the leaving apps and discoveries drain."""
         old, self.config = self.config, config
+        self._apply_kubernetes(old, config)
         for name, up in old.upstreams.items():
             new = config.upstreams.get(name)
             new_discover = new.discover if new is not None else None
@@ -108,7 +202,7 @@ class Orchestrator:
                     self.events.add(name, "reload", f"discovery of {name} changed: restarting")
                     self._start_upstream(name)
                     self._retire(self._replace_discovery(watcher, self.discoveries[name]))
-            if up.app is not None and new_app != up.app:
+            if up.app is not None and up.app.kubernetes is None and new_app != up.app:
                 sup = self.supervisors.pop(name)
                 scaler = self.autoscalers.pop(name, None)
                 if new_app is None:
@@ -120,19 +214,20 @@ class Orchestrator:
                 else:
                     self.events.add(name, "reload", f"app {name} changed: replacing it")
                     self._start_upstream(name)
-                    self._retire(self._stop_app(sup, scaler, self.supervisors[name]))
+                    successor = self.supervisors.get(name) or self.fleets.get(name)
+                    self._retire(self._stop_app(sup, scaler, successor))
         for name in config.upstreams:
             self._start_upstream(name)
 
     async def _stop_app(
-        self, old: Supervisor, scaler: Autoscaler | None, successor: Supervisor | None
+        self, old: Supervisor, scaler: Autoscaler | None, successor: Fleet | None
     ) -> None:
         if scaler is not None:
             await scaler.stop()
         if successor is not None and old.ready:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + successor.spec.ready_timeout
-            while not successor.ready and successor.desired > 0 and loop.time() < deadline:
+            while not successor.ready_count() and successor.desired > 0 and loop.time() < deadline:
                 await asyncio.sleep(0.05)
         await old.stop()
 
@@ -162,7 +257,11 @@ class Orchestrator:
     def rolling_restart(self) -> None:
         """Replace every instance of every app, one at a time per app."""
         loop = asyncio.get_running_loop()
-        for sup in self.supervisors.values():
+        restarting: list[Supervisor | DeploymentFleet] = [
+            *self.supervisors.values(),
+            *self.fleets.values(),
+        ]
+        for sup in restarting:
             task = loop.create_task(sup.rolling_restart())
             self._restarts.add(task)
             task.add_done_callback(self._restarts.discard)
@@ -180,6 +279,13 @@ class Orchestrator:
             task.cancel()
         for watcher in self.discoveries.values():
             await watcher.stop()
+        for watch in self.slice_watches.values():
+            await watch.stop()
+        for fleet in self.fleets.values():
+            await fleet.stop()
+        if self.elector is not None:
+            await self.elector.stop()
+        await self.kube.close()
         await asyncio.gather(*(sup.stop() for sup in self.supervisors.values()))
         self.provider.close()
         for provider in self.docker_providers.values():

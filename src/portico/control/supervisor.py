@@ -135,6 +135,18 @@ class Supervisor:
         """Instances that count towards ``desired``: starting or ready."""
         return [m for m in self.instances if m.state in (State.STARTING, State.READY)]
 
+    # --- the Fleet seam (control.fleet): what the autoscaler reads -----------------------
+
+    def ready_count(self) -> int:
+        return len(self.ready)
+
+    def counted_count(self) -> int:
+        return len(self.counted)
+
+    def cpu_percent(self) -> float | None:
+        ready = self.ready
+        return sum(m.instance.cpu_percent() for m in ready) / max(1, len(ready))
+
     async def rolling_restart(self) -> None:
         """Replace every instance one by one: start a new one, wait until ready, drain the old."""
         old = [m for m in self.instances if m.state is State.READY]

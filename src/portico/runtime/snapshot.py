@@ -134,7 +134,7 @@ def _compile_service(
     endpoints: list[Endpoint] = []
     if previous_service is not None and (
         (up.app is not None and previous_service.has_app)
-        or (up.discover is not None and previous_service.discovered)
+        or ((up.discover or up.kubernetes) is not None and previous_service.discovered)
     ):
         endpoints = previous_service.endpoints  # the control plane's, not the config's
     for backend in up.backends:
@@ -196,7 +196,7 @@ def _compile_service(
         measures_latency=isinstance(balancer, LeastLatency),
         keyed=isinstance(balancer, ConsistentHash),
         has_app=up.app is not None,
-        discovered=up.discover is not None,
+        discovered=(up.discover or up.kubernetes) is not None,
         cold_start_timeout=up.app.cold_start_timeout if up.app else 30.0,
         demand=previous_service.demand if previous_service and up.app else None,
         shed=(
