@@ -91,6 +91,11 @@ class Shed(Strict):
         0.8, gt=0, le=1, description="share of capacity routes of shed_priority < 0 may use"
     )
     retry_after: int = Field(1, ge=1, description="Retry-After of a shed request (seconds)")
+    max_p95: PositiveSeconds | None = Field(
+        None,
+        description="latency objective: while the upstream's p95 response time (last 50"
+        " responses, per worker) is above it, max_in_flight is halved",
+    )
 
 
 class Redis(Strict):

@@ -386,6 +386,8 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
             record_latency(endpoint, now - self._sent_at, now)
         if service.latencies is not None:
             service.latencies.append(loop.time() - self._sent_at)
+        if service.shed_window is not None:
+            service.shed_window.add(loop.time() - self._sent_at)
         if status >= 500:
             outliers.report(service, endpoint, False, f"status {status}", loop)
             retry_on = self.target.retry.retry_on  # type: ignore[union-attr]

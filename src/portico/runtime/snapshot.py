@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from portico.config.model import Config, HealthCheck, Upstream
-from portico.policy.admission import ShedRule
+from portico.policy.admission import LatencyWindow, ShedRule
 from portico.policy.balancers import BALANCERS, Balancer, LeastLatency, select_candidates
 from portico.policy.hashing import ConsistentHash, StickyCookie
 from portico.policy.health import OutlierDetector
@@ -70,6 +70,7 @@ class Service:
     latencies: deque[float] | None = None  # recent response times, for a p95 autoscaler
     starting: int = 0  # instances starting (written by the supervisor), for load shedding
     shed: ShedRule | None = None
+    shed_window: LatencyWindow | None = None  # recent response times, for shed.max_p95
 
     def candidates(self, now: float, exclude: Sequence[Endpoint] = ()) -> Sequence[Endpoint]:
         """Endpoints a request may go to now: available ones (backups only when no primary
@@ -200,8 +201,20 @@ def _compile_service(
         cold_start_timeout=up.app.cold_start_timeout if up.app else 30.0,
         demand=previous_service.demand if previous_service and up.app else None,
         shed=(
-            ShedRule(up.shed.max_in_flight, up.shed.hold, up.shed.low_share, up.shed.retry_after)
+            ShedRule(
+                up.shed.max_in_flight,
+                up.shed.hold,
+                up.shed.low_share,
+                up.shed.retry_after,
+                up.shed.max_p95,
+            )
             if up.shed is not None
+            else None
+        ),
+        shed_window=(
+            (previous_service.shed_window if previous_service is not None else None)
+            or LatencyWindow()
+            if up.shed is not None and up.shed.max_p95 is not None
             else None
         ),
         starting=previous_service.starting if previous_service is not None else 0,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from portico.config.traffic import Concurrency, RateLimit, TrafficRules, TrafficTable
 from portico.config.traffic import Redis as RedisConfig
-from portico.policy.admission import HOLD, SHED, ShedRule, admit
+from portico.policy.admission import HOLD, SHED, LatencyWindow, ShedRule, admit
 from portico.policy.ratelimit import (
     DELAY,
     REJECT,
@@ -440,6 +440,7 @@ class Fleet(Protocol):
     endpoints: list[Any]
     starting: int
     shed: ShedRule | None
+    shed_window: LatencyWindow | None
 
 
 class Shed(Stage):
@@ -472,7 +473,11 @@ class Shed(Stage):
             for ep in fleet.endpoints:
                 in_flight += ep.in_flight
                 available += ep.available
-            verdict = admit(rule, in_flight, available, fleet.starting, self.priority, waited)
+            window = fleet.shed_window
+            p95 = window.p95() if window is not None else None
+            verdict = admit(
+                rule, in_flight, available, fleet.starting, self.priority, waited, p95
+            )
             if verdict == HOLD:
                 return Hold(SHED_POLL, again=True)
             if verdict == SHED:
