@@ -24,48 +24,30 @@ from portico.runtime.stages import Hold, LocalReply
 Proceed = Callable[[ClientSide, RequestState, CompiledRoute, int], Handler]
 
 
-class HeldExchange:
-    __slots__ = (
-        "_ended",
-        "_eof",
-        "_gone",
-        "_kept",
-        "_timer",
-        "conn",
-        "first",
-        "head",
-        "hold",
-        "inner",
-        "proceed",
-        "req",
-        "route",
-    )
+class StandIn:
+    """Stands in for a request's handler until a decision lets the real one start (a hold
+    here, the WAF's body check in dataplane/wafbody.py). It keeps what the connection
+    delivers meanwhile, answers the connection's questions as a handler would, and once
+    ``hand_over`` starts the real handler, replays what it kept and forwards every call, so
+    the connection never learns there was a stand-in. A client that leaves first finishes
+    the request as 499."""
+
+    __slots__ = ("_ended", "_eof", "_gone", "_kept", "conn", "head", "inner", "proceed", "req",
+                 "route")  # fmt: skip
 
     def __init__(
-        self,
-        conn: ClientSide,
-        req: RequestState,
-        route: CompiledRoute,
-        first: int,
-        hold: Hold,
-        proceed: Proceed,
+        self, conn: ClientSide, req: RequestState, route: CompiledRoute, proceed: Proceed
     ) -> None:
         self.conn = conn
         self.req = req
         self.head: RequestHead = req.head
         self.route = route
-        self.first = first
-        self.hold = hold
         self.proceed = proceed
         self.inner: Handler | None = None
         self._kept: list[bytes] = []
         self._ended = False  # the connection's on_request_end (bodiless requests get it too)
         self._eof = False
         self._gone = False
-        self._timer: object = None
-
-    def __repr__(self) -> str:
-        return f"<HeldExchange {self.head.method.decode()} inner={self.inner!r}>"
 
     # The connection reads these; once the real handler runs they are its own.
     @property
@@ -105,35 +87,8 @@ class HeldExchange:
             inner.client_eof = value
         self._eof = value
 
-    def start(self) -> None:
-        self.conn.pause_for_buffer()
-        self._wait(self.hold)
-
-    def _wait(self, hold: Hold) -> None:
-        if hold.start is not None:
-            hold.start(self._resume)
-        else:
-            self._timer = self.conn.ctx.loop.call_later(hold.delay, self._resume, None)
-
-    def _resume(self, outcome: LocalReply | Hold | None) -> None:
-        if self._gone or self.inner is not None:
-            return  # the client left, or a late second answer
-        self._timer = None
-        if type(outcome) is Hold:
-            self._wait(outcome)
-            return
-        conn = self.conn
-        self.req.now = conn.ctx.loop.time()  # later stages decide at the time they run
-        if outcome is None:
-            inner = self.proceed(conn, self.req, self.route, self.first)
-            if type(inner) is HeldExchange:
-                # Held again (shedding waits for room): wait here rather than nest.
-                self.first = inner.first
-                self._wait(inner.hold)
-                return
-        else:
-            inner = conn.ctx.local(conn, self.req, self.route, outcome, None)  # type: ignore[arg-type]
-        conn.resume_for_buffer()
+    def hand_over(self, inner: Handler) -> None:
+        """Start the real handler (or a local reply) and give it what was kept."""
         self.inner = inner
         if self._eof:
             inner.client_eof = True
@@ -143,6 +98,9 @@ class HeldExchange:
             inner.on_request_data(data)
         if self._ended:
             inner.on_request_end()
+
+    def abandon(self) -> None:
+        """The client left before the hand-over: drop what was pending (a subclass's)."""
 
     # --- the connection's calls ---------------------------------------------------------------
 
@@ -179,9 +137,7 @@ class HeldExchange:
         if self._gone:
             return
         self._gone = True
-        timer = self._timer
-        if timer is not None:
-            timer.cancel()  # type: ignore[attr-defined]
+        self.abandon()
         if not self.req.status:
             self.req.status = 499
         finish(self.conn, self.req)
@@ -189,3 +145,60 @@ class HeldExchange:
     def on_upstream_timeout(self) -> None:
         if self.inner is not None:
             self.inner.on_upstream_timeout()
+
+
+class HeldExchange(StandIn):
+    __slots__ = ("_timer", "first", "hold")
+
+    def __init__(
+        self,
+        conn: ClientSide,
+        req: RequestState,
+        route: CompiledRoute,
+        first: int,
+        hold: Hold,
+        proceed: Proceed,
+    ) -> None:
+        super().__init__(conn, req, route, proceed)
+        self.first = first
+        self.hold = hold
+        self._timer: object = None
+
+    def __repr__(self) -> str:
+        return f"<HeldExchange {self.head.method.decode()} inner={self.inner!r}>"
+
+    def start(self) -> None:
+        self.conn.pause_for_buffer()
+        self._wait(self.hold)
+
+    def _wait(self, hold: Hold) -> None:
+        if hold.start is not None:
+            hold.start(self._resume)
+        else:
+            self._timer = self.conn.ctx.loop.call_later(hold.delay, self._resume, None)
+
+    def _resume(self, outcome: LocalReply | Hold | None) -> None:
+        if self._gone or self.inner is not None:
+            return  # the client left, or a late second answer
+        self._timer = None
+        if type(outcome) is Hold:
+            self._wait(outcome)
+            return
+        conn = self.conn
+        self.req.now = conn.ctx.loop.time()  # later stages decide at the time they run
+        if outcome is None:
+            inner = self.proceed(conn, self.req, self.route, self.first)
+            if type(inner) is HeldExchange:
+                # Held again (shedding waits for room): wait here rather than nest.
+                self.first = inner.first
+                self._wait(inner.hold)
+                return
+        else:
+            inner = conn.ctx.local(conn, self.req, self.route, outcome, None)  # type: ignore[arg-type]
+        conn.resume_for_buffer()
+        self.hand_over(inner)
+
+    def abandon(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()  # type: ignore[attr-defined]

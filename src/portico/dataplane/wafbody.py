@@ -15,18 +15,15 @@ Memory per request is bounded by ``body_limit`` plus one read. A client that sen
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
-from portico.codec.events import RequestHead
 from portico.codec.writer import CONTINUE_100
-from portico.dataplane.exchange import ClientSide, Handler, finish
+from portico.dataplane.exchange import ClientSide, Handler
+from portico.dataplane.hold import Proceed, StandIn
 from portico.runtime.request import RequestState
 from portico.runtime.routes import CompiledRoute
 from portico.runtime.waf import WafCheck, request_id
 
 log = logging.getLogger("portico.waf")
-
-Proceed = Callable[[ClientSide, RequestState, CompiledRoute, int], Handler]
 
 
 def report(req: RequestState, check: WafCheck) -> None:
@@ -95,24 +92,10 @@ def inspect(
     return proceed(conn, req, route, after)
 
 
-class WafBodyExchange:
+class WafBodyExchange(StandIn):
     """Reads up to the check's limit of body, then hands over to the 403 or the handler."""
 
-    __slots__ = (
-        "_ended",
-        "_eof",
-        "_gone",
-        "_kept",
-        "_paused",
-        "after",
-        "check",
-        "conn",
-        "head",
-        "inner",
-        "proceed",
-        "req",
-        "route",
-    )
+    __slots__ = ("_paused", "after", "check")
 
     def __init__(
         self,
@@ -123,56 +106,13 @@ class WafBodyExchange:
         check: WafCheck,
         proceed: Proceed,
     ) -> None:
-        self.conn = conn
-        self.req = req
-        self.head: RequestHead = req.head
-        self.route = route
+        super().__init__(conn, req, route, proceed)
         self.after = after
         self.check = check
-        self.proceed = proceed
-        self.inner: Handler | None = None
-        self._kept: list[bytes] = []
-        self._ended = False
-        self._eof = False
-        self._gone = False
         self._paused = False
 
     def __repr__(self) -> str:
         return f"<WafBodyExchange {self.head.method.decode()} inner={self.inner!r}>"
-
-    @property
-    def request_done(self) -> bool:
-        inner = self.inner
-        return self._ended or (inner is not None and inner.request_done)
-
-    @request_done.setter
-    def request_done(self, value: bool) -> None:
-        self._ended = value
-
-    @property
-    def response_started(self) -> bool:
-        inner = self.inner
-        return inner is not None and inner.response_started
-
-    @response_started.setter
-    def response_started(self, value: bool) -> None:
-        pass  # only the real handler starts a response
-
-    @property
-    def holding(self) -> bool:
-        inner = self.inner
-        return inner.holding if inner is not None else not self._gone
-
-    @property
-    def client_eof(self) -> bool:
-        inner = self.inner
-        return inner.client_eof if inner is not None else self._eof
-
-    @client_eof.setter
-    def client_eof(self, value: bool) -> None:
-        if self.inner is not None:
-            self.inner.client_eof = value
-        self._eof = value
 
     def start(self) -> None:
         head = self.head
@@ -196,15 +136,7 @@ class WafBodyExchange:
         if self._paused:
             self._paused = False
             conn.resume_for_buffer()
-        self.inner = inner
-        if self._eof:
-            inner.client_eof = True
-        inner.start()
-        kept, self._kept = self._kept, []
-        for data in kept:
-            inner.on_request_data(data)
-        if self._ended:
-            inner.on_request_end()
+        self.hand_over(inner)
 
     # --- the connection's calls ---------------------------------------------------------------
 
@@ -221,37 +153,6 @@ class WafBodyExchange:
             self._decide()
 
     def on_request_end(self) -> None:
-        self._ended = True
-        inner = self.inner
-        if inner is not None:
-            inner.on_request_end()
-        elif not self._gone:
+        super().on_request_end()
+        if self.inner is None and not self._gone:
             self._decide()
-
-    def tunnel_from_client(self, data: bytes) -> None:
-        if self.inner is not None:
-            self.inner.tunnel_from_client(data)
-
-    def client_paused(self) -> None:
-        if self.inner is not None:
-            self.inner.client_paused()
-
-    def client_resumed(self) -> None:
-        if self.inner is not None:
-            self.inner.client_resumed()
-
-    def client_gone(self) -> None:
-        inner = self.inner
-        if inner is not None:
-            inner.client_gone()
-            return
-        if self._gone:
-            return
-        self._gone = True
-        if not self.req.status:
-            self.req.status = 499
-        finish(self.conn, self.req)
-
-    def on_upstream_timeout(self) -> None:
-        if self.inner is not None:
-            self.inner.on_upstream_timeout()
