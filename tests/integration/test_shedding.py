@@ -9,6 +9,8 @@ import asyncio
 import statistics
 from typing import Any
 
+import pytest
+
 from tests.integration.test_orchestration import FleetFactory, fleet  # noqa: F401 (fixture)
 from tests.support.backends import FLASK_APP_DIR
 from tests.support.behaviours import OK_RESPONSE, Handler, read_request
@@ -24,12 +26,18 @@ SECONDS = 14.0
 OBJECTIVE = 2.0
 
 
-def test_shedding_while_instances_are_added_then_not(fleet: FleetFactory) -> None:  # noqa: F811
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shedding_while_instances_are_added_then_not(
+    fleet: FleetFactory,  # noqa: F811
+    workers: int,
+) -> None:
+    # With 2 workers each sheds on its own in-flight count (half the load each: shed = 2 per
+    # instance in each) and holds because the master tells it instances are starting.
     f = fleet(
         run=[
             "--wsgi", "app:app", "--cwd", str(FLASK_APP_DIR),
             "--min", "1", "--max", "3", "--metric", "in_flight", "--target", "1",
-            "--shed", "3",
+            "--shed", "3" if workers == 1 else "2", "--workers", str(workers),
         ]
     )  # fmt: skip
     f.wait_ready(1)
