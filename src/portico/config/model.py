@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from portico.config.admin import Admin
 from portico.config.apps import App, Autoscale, Discover, DockerRun
 from portico.config.routes import RequestId, Route
 from portico.config.traffic import (
@@ -331,6 +332,7 @@ class Config(Strict):
     ip_deny: list[Network] = Field(default_factory=list, description=IP_DENY)
     redis: Redis | None = Field(None, description="the store of store = \"redis\" limits")
     traffic: TrafficTable = Field(default_factory=TrafficTable)
+    admin: Admin | None = Field(None, description="admin listener: API, dashboard, metrics")
 
     @field_validator("request_id", mode="before")
     @classmethod
