@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from portico.admin.api import Api
+from portico.admin.server import AdminServer
 from portico.config.load import load_file
 from portico.config.model import Config
 from portico.control import pidfile
@@ -40,6 +42,13 @@ from portico.dataplane.context import ClientSettings, ProxyContext
 from portico.dataplane.exchange import HandlerFactory
 from portico.dataplane.listener import bind_socket, listen_queue_warning
 from portico.dataplane.local import LocalExchange
+from portico.dataplane.metrics import (
+    MetricTotals,
+    RequestMetrics,
+    fold_local,
+    metrics_enabled,
+    report_message,
+)
 from portico.dataplane.proxy import ProxyExchange
 from portico.dataplane.sharedmem import SharedTables, traffic_stores
 from portico.dataplane.static import static_handler
@@ -47,7 +56,9 @@ from portico.errors import ConfigError, StartupError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
 from portico.runtime.routes import KIND_PROXY, KIND_STATIC
+from portico.runtime.membership import steer
 from portico.runtime.snapshot import Snapshot, compile_config
+from portico.runtime.status import StatusProviders
 from portico.runtime.traffic import connection_limits
 
 log = logging.getLogger("portico")
@@ -187,6 +198,8 @@ class Serving:
         )
         if snapshot.traffic is not None:
             self.ctx.conn_limits = connection_limits(config.traffic, snapshot.traffic)
+        if metrics_enabled(config):
+            self.ctx.metrics = RequestMetrics()
         self.servers: list[asyncio.Server] = []
         self._flusher: asyncio.TimerHandle | None = None
 
@@ -221,6 +234,11 @@ class Serving:
         old_log, ctx.access_log = ctx.access_log, _open_access_log(config)
         if old_log is not None:
             old_log.close()
+        # Metrics follow the admin section; counters kept while they stay on.
+        if not metrics_enabled(config):
+            ctx.metrics = None
+        elif ctx.metrics is None:
+            ctx.metrics = RequestMetrics()
         self.config = config
 
     async def stop(self, grace: float, immediate: asyncio.Event) -> None:
@@ -301,6 +319,11 @@ class Gateway:
         self._snapshot: Snapshot | None = None  # the master's own (no Serving there)
         self.control: Control | None = None
         self._reload_pending = False  # a SIGHUP that came before start() finished
+        # Admin API (admin.fleet.Fleet): other features add their status here by name.
+        self.status = StatusProviders()
+        self.started_at = time.time()
+        self.admin: AdminServer | None = None
+        self._metrics = MetricTotals()  # one process: the scrape folds the counters in here
 
     def snapshot(self) -> Snapshot:
         if self.serving is not None:
@@ -323,11 +346,19 @@ class Gateway:
             self.master = _Master(self)
             self.master.start()
         self.control.start()
+        if config.admin is not None:
+            # In the master with workers: it holds the control plane and the summed counters.
+            self.admin = AdminServer(Api(self))
+            await self.admin.start(config.admin.listen, config.admin.unix_socket)
         if self._reload_pending:
             self.reload_from_source()
 
     def _on_transition(self, upstream: str, ep: Endpoint, transition: Transition) -> None:
         log_transition(upstream, ep, transition)
+        if self.control is not None:
+            self.control.orchestrator.events.add(
+                upstream, "health", f"{ep.label} {transition.reason}"
+            )
         apply_state(self.snapshot(), upstream, ep.label, transition.healthy, transition.at)
         if self.master is not None:
             self.master.bus.publish(("health", upstream, ep.label, transition.healthy))
@@ -360,6 +391,9 @@ class Gateway:
         self.config = config
         assert self.control is not None
         self.control.apply(config, previous)
+        self.control.orchestrator.events.add(
+            "config", "reload", f"reloaded: {', '.join(result.changed) or 'nothing changed'}"
+        )
         if self.master is not None:
             self.master.send_config(config)
         return result
@@ -385,10 +419,48 @@ class Gateway:
         """Ask for ``n`` instances of app ``upstream`` (clamped to its min and max)."""
         return self.control is not None and self.control.scale(upstream, n)
 
+    # --- admin.metrics.MetricsSource ------------------------------------------------------
+
+    def metric_totals(self) -> MetricTotals:
+        """Request counters summed over every worker (and gauges of the live ones)."""
+        if self.master is not None:
+            return self.master.bus.metrics
+        if self.serving is not None:
+            fold_local(self._metrics, self.serving.ctx)
+        return self._metrics
+
+    def orchestrator(self) -> Orchestrator | None:
+        """The apps and their supervisors (None before start)."""
+        return self.control.orchestrator if self.control is not None else None
+
+    # --- admin.fleet.Fleet ------------------------------------------------------------------
+
+    def load_source(self) -> Config | None:
+        """The config file read again (raises ConfigError), or None without a file."""
+        return self.source.load() if self.source is not None else None
+
+    def source_path(self) -> str | None:
+        return self.source.path if self.source is not None else None
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.master.procs if p.pid] if self.master is not None else []
+
+    def set_endpoint(
+        self, upstream: str, label: str, *, draining: bool | None, weight: int | None
+    ) -> None:
+        """An operator's drain/undrain/weight: here, then in every worker over the bus."""
+        service = self.snapshot().services.get(upstream)
+        if service is not None:
+            steer(service, label, draining, weight)
+        if self.master is not None:
+            self.master.bus.publish(("endpoint", upstream, label, draining, weight))
+
     async def stop(self, immediate: asyncio.Event | None = None) -> None:
         """Drain clients (or the workers), then stop the control plane's apps. Setting
         ``immediate`` (a second Ctrl-C) cuts every wait short; instances are still stopped."""
         immediate = immediate or asyncio.Event()
+        if self.admin is not None:
+            await self.admin.stop()
         assert self.control is not None
         self.control.stop_checks()
         if self.serving is not None:
@@ -450,10 +522,21 @@ async def run_dataplane(
         managed.update(managed_upstreams(new))
         log.info("worker %d runs the reloaded config", os.getpid())
 
-    stop_bus = follow_master(state_pipe, loop, lambda: serving.ctx.snapshot, managed, on_config)
+    stop_bus = follow_master(
+        state_pipe,
+        loop,
+        lambda: serving.ctx.snapshot,
+        managed,
+        on_config,
+        lambda: report_message(serving.ctx),
+    )
     await signals.graceful.wait()
     stop_bus()
     await serving.stop(serving.config.server.shutdown_grace, signals.immediate)
+    if (last := report_message(serving.ctx)) is not None:
+        # What the drained connections counted since the last report: not one is lost.
+        with contextlib.suppress(OSError, ValueError):
+            state_pipe.send(last)
     return 0
 
 

@@ -1,0 +1,243 @@
+"""Request counters of one worker, and their sum over every worker.
+
+Theory of operation. ``RequestMetrics`` lives in the worker's ``ProxyContext`` when metrics
+are on (the ``[admin]`` section is configured) and is ``None`` otherwise: the finish path
+then pays one ``is not None`` test. ``count`` is called from ``exchange.finish`` only, once
+per request, and touches plain dicts keyed by label tuples: no locks, no objects per request.
+
+Workers do not serve scrapes. Every ``STATS_EVERY`` the bus takes the worker's *delta* (the
+dicts are swapped for empty ones) and sends it to the master, whose ``MetricTotals`` adds it
+to running sums. Deltas, not totals, because the master then needs no per-worker state for
+counters: a worker that dies or is replaced leaves its sums in place, so no count ever goes
+back, and a new worker simply starts sending from zero. What a worker killed with SIGKILL had
+counted since its last report (at most ``STATS_EVERY`` seconds of traffic) is lost; a worker
+that stops normally sends a last report after its connections have drained. Gauges (open
+connections, in-flight and ejected endpoints) are the opposite: each worker sends its current
+values, the master keeps the latest per worker and forgets a worker that is gone.
+
+With one process there is no bus: the scrape folds the delta into the totals itself.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from portico.dataplane.context import ProxyContext
+    from portico.runtime.request import RequestState
+
+# Latency buckets in seconds (Prometheus ``le`` bounds): from a fast local answer to a slow
+# upstream, about three per decade, as the Prometheus client's defaults.
+BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+# A histogram is a list: one count per bucket, one for +Inf, then the sum of the values.
+HIST_LEN = len(BUCKETS) + 2
+
+# Methods are a label: anything outside the registered set is "other", so a client cannot
+# grow the number of series by inventing methods.
+METHODS = {
+    m.encode(): m
+    for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+}
+# Status classes by status // 100; 0 (no status: the client left first) is "other".
+CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+RequestKey = tuple[str, str, str, str, str]  # route, upstream, endpoint, method, class
+Delta = dict[str, dict[Any, Any]]
+
+
+def metrics_enabled(config: Any) -> bool:
+    """Metrics are collected when the admin listener is configured (it serves them)."""
+    admin = getattr(config, "admin", None)
+    return admin is not None and bool(getattr(admin, "metrics", True))
+
+
+def _new_hist() -> list[float]:
+    return [0] * (HIST_LEN - 1) + [0.0]
+
+
+class RequestMetrics:
+    """One worker's counters since its last report. Hot: ``count`` runs per request."""
+
+    __slots__ = (
+        "bytes",
+        "durations",
+        "events",
+        "refused",
+        "requests",
+        "retries",
+        "upstream_durations",
+    )
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.requests: dict[RequestKey, int] = {}
+        self.durations: dict[tuple[str, str], list[float]] = {}  # (route, upstream)
+        self.upstream_durations: dict[tuple[str, str], list[float]] = {}  # (upstream, endpoint)
+        self.bytes: dict[str, list[int]] = {}  # route -> [received, sent]
+        self.retries: dict[str, int] = {}  # upstream -> tries beyond the first
+        self.refused: dict[tuple[str, str], int] = {}  # (route, reason)
+        # (kind, upstream, endpoint) -> n: ejections and circuit-breaker skips, drained
+        # from the services at each report (see ``take_service_events``).
+        self.events: dict[tuple[str, str, str], int] = {}
+
+    def count(self, req: RequestState, duration: float) -> None:
+        """Record one finished request (the only caller is ``exchange.finish``)."""
+        route = req.route
+        rname = route.name if route is not None else ""
+        upstream = req.service or ""
+        status = req.status // 100
+        key = (
+            rname,
+            upstream,
+            req.upstream or "",
+            METHODS.get(req.head.method, "other"),
+            CLASSES[status] if status < 6 else "other",
+        )
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        hkey = (rname, upstream)
+        h = self.durations.get(hkey)
+        if h is None:
+            h = self.durations[hkey] = _new_hist()
+        h[bisect_left(BUCKETS, duration)] += 1
+        h[-1] += duration
+        up_time = req.upstream_time
+        if up_time is not None:
+            ukey = (upstream, req.upstream or "")
+            h = self.upstream_durations.get(ukey)
+            if h is None:
+                h = self.upstream_durations[ukey] = _new_hist()
+            h[bisect_left(BUCKETS, up_time)] += 1
+            h[-1] += up_time
+        b = self.bytes.get(rname)
+        if b is None:
+            b = self.bytes[rname] = [0, 0]
+        b[0] += req.received_bytes
+        b[1] += req.sent_bytes
+        if req.tries > 1:
+            self.retries[upstream] = self.retries.get(upstream, 0) + req.tries - 1
+        if req.refused is not None:
+            rkey = (rname, req.refused)
+            self.refused[rkey] = self.refused.get(rkey, 0) + 1
+
+    def take(self, ctx: ProxyContext) -> Delta:
+        """What was counted since the last call, as plain picklable dicts; starts afresh."""
+        self.take_service_events(ctx)
+        delta: Delta = {
+            "requests": self.requests,
+            "durations": self.durations,
+            "upstream_durations": self.upstream_durations,
+            "bytes": self.bytes,
+            "retries": self.retries,
+            "refused": self.refused,
+            "events": self.events,
+        }
+        self._reset()
+        return delta
+
+    def take_service_events(self, ctx: ProxyContext) -> None:
+        """Ejections and circuit-breaker skips are counted on the services where they
+        happen (outlier detection, candidate selection); move them here."""
+        events = self.events
+        for name, service in ctx.snapshot.services.items():
+            if service.breaker_skips:
+                key = ("breaker_skip", name, "")
+                events[key] = events.get(key, 0) + service.breaker_skips
+                service.breaker_skips = 0
+            if service.ejections:
+                for label, n in service.ejections.items():
+                    key = ("ejection", name, label)
+                    events[key] = events.get(key, 0) + n
+                service.ejections.clear()
+
+
+def gauges(ctx: ProxyContext) -> dict[str, Any]:
+    """This worker's current values: connections, and per endpoint in-flight and ejected."""
+    conns = ctx.connections
+    active = sum(1 for c in conns if getattr(c, "exchange", None) is not None)
+    endpoints = {
+        (name, ep.label): (ep.in_flight, int(ep.ejected))
+        for name, service in ctx.snapshot.services.items()
+        for ep in service.endpoints
+    }
+    return {"open": len(conns), "active": active, "endpoints": endpoints}
+
+
+def _add_hists(into: dict[Any, list[float]], delta: dict[Any, list[float]]) -> None:
+    for key, h in delta.items():
+        mine = into.get(key)
+        if mine is None:
+            into[key] = list(h)
+        else:
+            for i, v in enumerate(h):
+                mine[i] += v
+
+
+class MetricTotals:
+    """Counters summed over every worker that ever reported, and each live worker's gauges."""
+
+    def __init__(self) -> None:
+        self.requests: dict[RequestKey, int] = {}
+        self.durations: dict[tuple[str, str], list[float]] = {}
+        self.upstream_durations: dict[tuple[str, str], list[float]] = {}
+        self.bytes: dict[str, list[int]] = {}
+        self.retries: dict[str, int] = {}
+        self.refused: dict[tuple[str, str], int] = {}
+        self.events: dict[tuple[str, str, str], int] = {}
+        self.workers: dict[int, dict[str, Any]] = {}  # worker key -> its latest gauges
+        self.reports = 0  # deltas added: a test waits on this instead of sleeping
+
+    def add(self, delta: Delta) -> None:
+        for name in ("requests", "retries", "refused", "events"):
+            into: dict[Any, int] = getattr(self, name)
+            for key, n in delta[name].items():
+                into[key] = into.get(key, 0) + n
+        _add_hists(self.durations, delta["durations"])
+        _add_hists(self.upstream_durations, delta["upstream_durations"])
+        for key, (received, sent) in delta["bytes"].items():
+            b = self.bytes.setdefault(key, [0, 0])
+            b[0] += received
+            b[1] += sent
+        self.reports += 1
+
+    def set_gauges(self, worker: int, values: dict[str, Any]) -> None:
+        self.workers[worker] = values
+
+    def drop_worker(self, worker: int) -> None:
+        """A worker is gone: its gauges go with it; its counters stay in the sums."""
+        self.workers.pop(worker, None)
+
+    def connections(self) -> tuple[int, int]:
+        """(open, active) over every live worker."""
+        values = self.workers.values()
+        return sum(v["open"] for v in values), sum(v["active"] for v in values)
+
+    def endpoint_gauges(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(upstream, endpoint) -> (in-flight, workers that eject it), over every worker."""
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for values in self.workers.values():
+            for key, (in_flight, ejected) in values["endpoints"].items():
+                f, e = out.get(key, (0, 0))
+                out[key] = (f + in_flight, e + ejected)
+        return out
+
+
+def report_message(ctx: ProxyContext) -> tuple[str, Delta, dict[str, Any]] | None:
+    """The worker's ``("metrics", delta, gauges)`` bus message; None when metrics are off."""
+    metrics = ctx.metrics
+    if metrics is None:
+        return None
+    return ("metrics", metrics.take(ctx), gauges(ctx))
+
+
+def fold_local(totals: MetricTotals, ctx: ProxyContext) -> None:
+    """One process, no bus: bring ``totals`` up to date with this process's counters."""
+    message = report_message(ctx)
+    if message is not None:
+        totals.add(message[1])
+        totals.set_gauges(0, message[2])
