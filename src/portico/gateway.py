@@ -55,8 +55,8 @@ from portico.dataplane.static import static_handler
 from portico.errors import ConfigError, StartupError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
-from portico.runtime.routes import KIND_PROXY, KIND_STATIC
 from portico.runtime.membership import steer
+from portico.runtime.routes import KIND_PROXY, KIND_STATIC
 from portico.runtime.snapshot import Snapshot, compile_config
 from portico.runtime.status import StatusProviders
 from portico.runtime.traffic import connection_limits

@@ -68,6 +68,8 @@ class Autoscaler:
         self._task: asyncio.Task[None] | None = None
         self._last_requests = 0
         self._last_busy: float | None = None
+        # Until this loop time the count is an operator's (admin API scale with a hold).
+        self.hold_until: float | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -124,6 +126,8 @@ class Autoscaler:
 
     def _step(self, observed: float, now: float) -> None:
         sup = self.supervisor
+        if self.hold_until is not None and now < self.hold_until:
+            return
         current = len(sup.counted)
         spec = sup.spec
         if (
