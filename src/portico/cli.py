@@ -51,10 +51,16 @@ _ACCESS_LOG_CHOICES = ", ".join(get_args(AccessLog.model_fields["format"].annota
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="portico")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks of failures.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Portico's own log lines: text, or one JSON object per line. [default: text]",
+)
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, log_format: str | None) -> None:
     """Portico: an HTTP reverse proxy and load balancer."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "log_format": log_format}
 
 
 @main.command()
@@ -469,13 +475,13 @@ def _echo_problems(error: ConfigError, *, err: bool = False) -> None:
 def _run(config: Config, source: ConfigSource | None = None) -> int:
     # Imported here, not at the top: loading the data plane (uvloop, httptools, sockets) is
     # only needed by the commands that serve, and `check` must work without it.
-    import logging
-
+    from portico.control import logformat
     from portico.control.envcheck import check_environment
-    from portico.gateway import LOG_FORMAT, serve
+    from portico.gateway import serve
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    debug = bool((click.get_current_context().obj or {}).get("debug"))
+    options = click.get_current_context().obj or {}
+    logformat.configure(options.get("log_format"))
+    debug = bool(options.get("debug"))
     if problems := check_environment(config):
         for path, reason in problems:
             click.echo(f"portico: cannot start: {path}: {reason}", err=True)

@@ -30,7 +30,7 @@ from portico.admin.api import Api
 from portico.admin.server import AdminServer
 from portico.config.load import load_file
 from portico.config.model import Config
-from portico.control import pidfile
+from portico.control import logformat, pidfile
 from portico.control.bus import STATS_EVERY, MasterBus, follow_master
 from portico.control.health import apply_state, end_ejection, log_transition, release_unchecked
 from portico.control.orchestrator import Orchestrator
@@ -602,7 +602,7 @@ def _worker_entry(
     """Entry point of a spawned worker process."""
     _die_with_parent()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's handler is in place
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logformat.configure()  # the master's format, from the environment it passed down
     config = Config.model_validate(config_data)
     raise SystemExit(
         run_worker(config, reuse_port=True, source=source, state_pipe=state_pipe, shared=shared)
