@@ -3,8 +3,10 @@ back by prometheus_client's parser and checked by promtool (the real one, if ins
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -214,3 +216,34 @@ def test_promtool_accepts_the_exposition(snap: Snapshot) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout + done.stderr == b"", done.stdout + done.stderr  # not even a lint warning
+
+
+# --- the documentation ----------------------------------------------------------------------
+
+DOCS = Path(__file__).parents[2] / "docs" / "operations.md"
+
+
+def test_every_family_is_documented() -> None:
+    source = (Path(__file__).parents[2] / "src/portico/admin/metrics.py").read_text()
+    families = set(re.findall(r'"(portico_[a-z_]+)"', source))
+    documented = set(re.findall(r"^\| `(portico_[a-z_]+)` \|", DOCS.read_text(), re.M))
+    assert len(families) >= 20  # the regex finds them (a guard against a silent miss)
+    assert families == documented, (families - documented, documented - families)
+
+
+def test_the_documented_scrape_config_and_alerts_pass_promtool(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(
+            "promtool not installed (Debian package prometheus; scripts/test.sh installs it)"
+        )
+    text = DOCS.read_text()
+    for name, command in (("prometheus.yml", "config"), ("portico-alerts.yml", "rules")):
+        match = re.search(rf"```yaml\n# {re.escape(name)}\n(.*?)```", text, re.S)
+        assert match is not None, name
+        path = tmp_path / name
+        path.write_text(match.group(1))
+        done = subprocess.run(
+            [promtool, "check", command, str(path)], capture_output=True, timeout=30
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
