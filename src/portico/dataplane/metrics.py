@@ -37,12 +37,13 @@ HIST_LEN = len(BUCKETS) + 2
 
 # Methods are a label: anything outside the registered set is "other", so a client cannot
 # grow the number of series by inventing methods.
-METHODS = {
-    m.encode(): m
-    for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
-}
+METHOD_NAMES = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+                "other")  # fmt: skip
 # Status classes by status // 100; 0 (no status: the client left first) is "other".
 CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+# A cell's request counts are one flat list: method index * 6 + status class index.
+_SLOT = {m.encode(): i * len(CLASSES) for i, m in enumerate(METHOD_NAMES[:-1])}
+_OTHER_METHOD = (len(METHOD_NAMES) - 1) * len(CLASSES)
 
 RequestKey = tuple[str, str, str, str, str]  # route, upstream, endpoint, method, class
 Delta = dict[str, dict[Any, Any]]
@@ -58,87 +59,103 @@ def _new_hist() -> list[float]:
     return [0] * (HIST_LEN - 1) + [0.0]
 
 
-class RequestMetrics:
-    """One worker's counters since its last report. Hot: ``count`` runs per request."""
+class Cell:
+    """Everything counted for one (route, upstream, endpoint) since the last report."""
 
-    __slots__ = (
-        "bytes",
-        "durations",
-        "events",
-        "refused",
-        "requests",
-        "retries",
-        "upstream_durations",
-    )
+    __slots__ = ("durations", "received", "refused", "requests", "retries", "sent", "upstream")
 
     def __init__(self) -> None:
-        self._reset()
+        self.requests = [0] * (len(METHOD_NAMES) * len(CLASSES))
+        self.durations = _new_hist()
+        self.upstream = _new_hist()
+        self.received = 0
+        self.sent = 0
+        self.retries = 0
+        self.refused: dict[str, int] | None = None
 
-    def _reset(self) -> None:
-        self.requests: dict[RequestKey, int] = {}
-        self.durations: dict[tuple[str, str], list[float]] = {}  # (route, upstream)
-        self.upstream_durations: dict[tuple[str, str], list[float]] = {}  # (upstream, endpoint)
-        self.bytes: dict[str, list[int]] = {}  # route -> [received, sent]
-        self.retries: dict[str, int] = {}  # upstream -> tries beyond the first
-        self.refused: dict[tuple[str, str], int] = {}  # (route, reason)
+
+class RequestMetrics:
+    """One worker's counters since its last report. Hot: ``count`` runs per request.
+
+    Per request: one dict lookup by the (route, upstream, endpoint) objects the request
+    already holds, then list and attribute increments. Label strings and the Prometheus
+    keying are built at report time (``take``), ten times a second, not per request."""
+
+    __slots__ = ("cells", "events")
+
+    def __init__(self) -> None:
+        self.cells: dict[tuple[object, str | None, str | None], Cell] = {}
         # (kind, upstream, endpoint) -> n: ejections and circuit-breaker skips, drained
         # from the services at each report (see ``take_service_events``).
         self.events: dict[tuple[str, str, str], int] = {}
 
     def count(self, req: RequestState, duration: float) -> None:
         """Record one finished request (the only caller is ``exchange.finish``)."""
-        route = req.route
-        rname = route.name if route is not None else ""
-        upstream = req.service or ""
+        key = (req.route, req.service, req.upstream)
+        cell = self.cells.get(key)
+        if cell is None:
+            cell = self.cells[key] = Cell()
         status = req.status // 100
-        key = (
-            rname,
-            upstream,
-            req.upstream or "",
-            METHODS.get(req.head.method, "other"),
-            CLASSES[status] if status < 6 else "other",
-        )
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        hkey = (rname, upstream)
-        h = self.durations.get(hkey)
-        if h is None:
-            h = self.durations[hkey] = _new_hist()
+        cell.requests[
+            _SLOT.get(req.head.method, _OTHER_METHOD) + (status if status < 6 else 0)
+        ] += 1
+        h = cell.durations
         h[bisect_left(BUCKETS, duration)] += 1
         h[-1] += duration
         up_time = req.upstream_time
         if up_time is not None:
-            ukey = (upstream, req.upstream or "")
-            h = self.upstream_durations.get(ukey)
-            if h is None:
-                h = self.upstream_durations[ukey] = _new_hist()
+            h = cell.upstream
             h[bisect_left(BUCKETS, up_time)] += 1
             h[-1] += up_time
-        b = self.bytes.get(rname)
-        if b is None:
-            b = self.bytes[rname] = [0, 0]
-        b[0] += req.received_bytes
-        b[1] += req.sent_bytes
+        cell.received += req.received_bytes
+        cell.sent += req.sent_bytes
         if req.tries > 1:
-            self.retries[upstream] = self.retries.get(upstream, 0) + req.tries - 1
-        if req.refused is not None:
-            rkey = (rname, req.refused)
-            self.refused[rkey] = self.refused.get(rkey, 0) + 1
+            cell.retries += req.tries - 1
+        refused = req.refused
+        if refused is not None:
+            if cell.refused is None:
+                cell.refused = {}
+            cell.refused[refused] = cell.refused.get(refused, 0) + 1
 
     def take(self, ctx: ProxyContext) -> Delta:
-        """What was counted since the last call, as plain picklable dicts; starts afresh."""
+        """What was counted since the last call, as plain picklable dicts keyed by label
+        values; starts afresh."""
         self.take_service_events(ctx)
-        delta: Delta = {
-            "requests": self.requests,
-            "durations": self.durations,
-            "upstream_durations": self.upstream_durations,
-            "bytes": self.bytes,
-            "retries": self.retries,
-            "refused": self.refused,
-            "events": self.events,
+        cells, self.cells = self.cells, {}
+        requests: dict[RequestKey, int] = {}
+        durations: dict[tuple[str, str], list[float]] = {}  # (route, upstream)
+        upstream_durations: dict[tuple[str, str], list[float]] = {}  # (upstream, endpoint)
+        sizes: dict[str, list[int]] = {}  # route -> [received, sent]
+        retries: dict[str, int] = {}
+        refused: dict[tuple[str, str], int] = {}
+        for (route, service, endpoint), cell in cells.items():
+            rname = getattr(route, "name", "") if route is not None else ""
+            upstream, label = service or "", endpoint or ""
+            width = len(CLASSES)
+            for i, n in enumerate(cell.requests):
+                if n:
+                    key = (rname, upstream, label, METHOD_NAMES[i // width], CLASSES[i % width])
+                    requests[key] = requests.get(key, 0) + n
+            _add_hists(durations, {(rname, upstream): cell.durations})
+            if sum(cell.upstream[:-1]):
+                _add_hists(upstream_durations, {(upstream, label): cell.upstream})
+            b = sizes.setdefault(rname, [0, 0])
+            b[0] += cell.received
+            b[1] += cell.sent
+            if cell.retries:
+                retries[upstream] = retries.get(upstream, 0) + cell.retries
+            for reason, n in (cell.refused or {}).items():
+                refused[rname, reason] = refused.get((rname, reason), 0) + n
+        events, self.events = self.events, {}
+        return {
+            "requests": requests,
+            "durations": durations,
+            "upstream_durations": upstream_durations,
+            "bytes": sizes,
+            "retries": retries,
+            "refused": refused,
+            "events": events,
         }
-        self._reset()
-        return delta
 
     def take_service_events(self, ctx: ProxyContext) -> None:
         """Ejections and circuit-breaker skips are counted on the services where they
