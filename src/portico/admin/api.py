@@ -238,7 +238,10 @@ def _restart(api: Api, req: Request, p: dict[str, str], who: str) -> Response:
 
 
 def _reload(api: Api, req: Request, p: dict[str, str], who: str) -> Response:
-    dry_run = req.query.get("dry_run", "").lower() in ("1", "true", "yes")
+    flag = req.query.get("dry_run", "false").lower()
+    if flag not in ("true", "false", "1", "0"):
+        return json_response(400, {"applied": False, "error": "dry_run: true or false"})
+    dry_run = flag in ("true", "1")
     status, data = actions.reload(api.fleet, who, req.body, dry_run)
     return json_response(status, data)
 

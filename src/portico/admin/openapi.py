@@ -343,7 +343,7 @@ def document() -> dict[str, Any]:
                     ],
                     "requestBody": {
                         "required": False,
-                        "content": {"application/toml": {"schema": {"type": "string"}}},
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
                     "responses": {
                         "200": _json(_ref("ReloadResult"), "applied (or checked, dry_run)"),
