@@ -37,6 +37,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
        >/dev/null; } \
     || echo "could not install prometheus: the promtool checks will skip" >&2
 fi
+# The dashboard test (tests/integration/test_dashboard.py) drives Debian's chromium through
+# Playwright (no browser download). As root with apt-get, install it when missing; if that
+# fails the dashboard test skips.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
+  echo "installing chromium for the dashboard test" >&2
+  { apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+    || echo "could not install chromium: the dashboard test will skip" >&2
+fi
 # Debian and Ubuntu ship Python without venv's ensurepip (package python3-venv).
 if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
