@@ -392,6 +392,130 @@ def stop(
     click.echo(f"process {master.pid} stopped")
 
 
+def _admin_options(f: Callable[..., None]) -> Callable[..., None]:
+    """Where the admin API is: -c FILE (its [admin] table), or --admin/--unix-socket."""
+    f = click.option(
+        "--token",
+        envvar="PORTICO_ADMIN_TOKEN",
+        default=None,
+        help="Bearer token, needed when admin.read = token. [env: PORTICO_ADMIN_TOKEN]",
+    )(f)
+    f = click.option("--unix-socket", default=None, metavar="PATH", help="Admin Unix socket.")(f)
+    f = click.option(
+        "--admin",
+        "admin_url",
+        envvar="PORTICO_ADMIN",
+        default=None,
+        metavar="URL",
+        help="Admin listener. [default: http://127.0.0.1:9901; env: PORTICO_ADMIN]",
+    )(f)
+    return click.option(
+        "-c", "--config", "config_file", default=None, metavar="FILE",
+        help="Config whose [admin] table says where the admin API is.",
+    )(f)  # fmt: skip
+
+
+def _admin_target(
+    ctx: click.Context,
+    config_file: str | None,
+    admin_url: str | None,
+    unix_socket: str | None,
+    token: str | None,
+) -> Any:
+    from portico.admin.console import Target
+
+    target = Target()
+    if config_file is not None:
+        try:
+            config = load_file(config_file)
+        except ConfigError as e:
+            _echo_problems(e, err=True)
+            ctx.exit(EXIT_CONFIG_REFUSED)
+        if config.admin is None:
+            _fail(ctx, f"{config_file} has no [admin] table")
+        if config.admin.listen:
+            target.url = f"http://{config.admin.listen}"
+        target.unix_socket = config.admin.unix_socket
+        target.token = config.admin.token
+    if admin_url is not None:
+        target.url, target.unix_socket = admin_url, None
+    if unix_socket is not None:
+        target.unix_socket = unix_socket
+    if token is not None:
+        target.token = token
+    return target
+
+
+@main.command()
+@_admin_options
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead of tables.")
+@click.pass_context
+def status(
+    ctx: click.Context,
+    config_file: str | None,
+    admin_url: str | None,
+    unix_socket: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Print the fleet (endpoints, apps, instances, recent events) from the admin API."""
+    import json
+
+    from portico.admin.console import AdminUnreachable, poll, render
+
+    target = _admin_target(ctx, config_file, admin_url, unix_socket, token)
+    try:
+        now = poll(target)
+    except AdminUnreachable as exc:
+        _fail(ctx, f"cannot read the admin API at {exc}")
+    if as_json:
+        data = {"status": now.status, "upstreams": now.upstreams, "apps": now.apps,
+                "events": now.events}  # fmt: skip
+        click.echo(json.dumps(data, indent=2))
+        return
+    for line in render(now):
+        click.echo(line)
+
+
+@main.command()
+@_admin_options
+@click.option("--interval", type=float, default=1.0, metavar="S", help="Seconds between updates.")
+@click.option("--count", type=int, default=None, metavar="N", help="Stop after N updates.")
+@click.pass_context
+def top(
+    ctx: click.Context,
+    config_file: str | None,
+    admin_url: str | None,
+    unix_socket: str | None,
+    token: str | None,
+    interval: float,
+    count: int | None,
+) -> None:
+    """Show the fleet live, with req/s per endpoint, until Ctrl-C (or --count updates)."""
+    import sys
+    import time
+
+    from portico.admin.console import AdminUnreachable, poll, render
+
+    target = _admin_target(ctx, config_file, admin_url, unix_socket, token)
+    before = None
+    shown = 0
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while count is None or shown < count:
+            try:
+                now = poll(target, events=8)
+            except AdminUnreachable as exc:
+                _fail(ctx, f"cannot read the admin API at {exc}")
+            click.echo(clear + "\n".join(render(now, before, rates=True)) + ("" if clear else "\n"))
+            before = now
+            shown += 1
+            if count is None or shown < count:
+                time.sleep(max(0.1, interval))
+    except KeyboardInterrupt:
+        pass
+
+
 def _find_master(
     ctx: click.Context, pid: int | None, pid_file: str | None, config_file: str | None
 ) -> Master:
