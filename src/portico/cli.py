@@ -582,6 +582,11 @@ def summarize(config: Config, source: str) -> list[str]:
             selector = ", ".join(f"{k}={v}" for k, v in upstream.discover.selector().items())
             backends = f"containers with {selector}"
         lines.append(f"  {name} ({upstream.balancer}): {backends or 'no backends'}")
+    if config.admin is not None:
+        where = [f"http://{config.admin.listen}"] if config.admin.listen else []
+        where += [f"unix:{config.admin.unix_socket}"] if config.admin.unix_socket else []
+        guard = "actions need a token" if config.admin.all_tokens() else "actions: socket only"
+        lines.append(f"admin: {', '.join(where)} ({guard})")
     lines.append("routes:")
     if config.routes:
         lines.extend(f"  {describe(r)}" for r in config.routes)
