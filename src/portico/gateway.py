@@ -339,6 +339,7 @@ class Gateway:
             self.control = Control(config, self.snapshot, self._on_transition, self._on_pass)
         else:
             self._snapshot = compile_config(config)
+            await self._start_admin()  # before the workers: a busy port fails on its own
             # Two reports: the draining flag reaches the workers, their counts come back.
             self.control = Control(
                 config, self.snapshot, self._on_transition, self._on_pass, 3 * STATS_EVERY
@@ -346,10 +347,8 @@ class Gateway:
             self.master = _Master(self)
             self.master.start()
         self.control.start()
-        if config.admin is not None:
-            # In the master with workers: it holds the control plane and the summed counters.
-            self.admin = AdminServer(Api(self))
-            await self.admin.start(config.admin.listen, config.admin.unix_socket)
+        if self.admin is None:
+            await self._start_admin()
         if self._reload_pending:
             self.reload_from_source()
 
@@ -432,6 +431,13 @@ class Gateway:
     def orchestrator(self) -> Orchestrator | None:
         """The apps and their supervisors (None before start)."""
         return self.control.orchestrator if self.control is not None else None
+
+    async def _start_admin(self) -> None:
+        # In the master with workers: it holds the control plane and the summed counters.
+        admin = self.config.admin
+        if admin is not None:
+            self.admin = AdminServer(Api(self))
+            await self.admin.start(admin.listen, admin.unix_socket)
 
     # --- admin.fleet.Fleet ------------------------------------------------------------------
 

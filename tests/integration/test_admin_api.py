@@ -321,3 +321,35 @@ def test_counts_by_endpoint_under_load(two: list[Any], portico: PorticoFactory) 
         10,
         message="the master's per-endpoint counts to match what was sent",
     )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_busy_admin_port_refuses_to_start(tmp_path: Path, workers: int) -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = tmp_path / "portico.toml"
+        path.write_text(
+            ISSUE_EXAMPLE.replace("127.0.0.1:9901", f"127.0.0.1:{port}").replace(
+                "workers = 2", f'workers = {workers}\nlisten = "127.0.0.1:{free_port()}"'
+            )
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "portico", "serve", "-c", str(path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert result.stderr.strip().endswith(
+            f"portico: cannot start: admin.listen 127.0.0.1:{port}: error while attempting to"
+            f" bind on address ('127.0.0.1', {port}): address already in use"
+        ), result.stderr
+        assert "Traceback" not in result.stderr
+        strict = subprocess.run(
+            [sys.executable, "-m", "portico", "check", "--strict", str(path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert strict.returncode == 1
+        assert strict.stdout.startswith(f"admin.listen: cannot listen on 127.0.0.1:{port}")
