@@ -436,8 +436,10 @@ class Gateway:
         # In the master with workers: it holds the control plane and the summed counters.
         admin = self.config.admin
         if admin is not None:
-            self.admin = AdminServer(Api(self))
+            api = Api(self)
+            self.admin = AdminServer(api)
             await self.admin.start(admin.listen, admin.unix_socket)
+            self.admin.background(api.watch())
 
     # --- admin.fleet.Fleet ------------------------------------------------------------------
 
@@ -450,6 +452,17 @@ class Gateway:
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self.master.procs if p.pid] if self.master is not None else []
+
+    def ejections(self) -> dict[tuple[str, str], int]:
+        """(upstream, endpoint) -> processes whose outlier detection ejects it now."""
+        if self.master is not None:
+            return self.master.bus.ejections
+        return {
+            (name, ep.label): 1
+            for name, service in self.snapshot().services.items()
+            for ep in service.endpoints
+            if ep.ejected
+        }
 
     def set_endpoint(
         self, upstream: str, label: str, *, draining: bool | None, weight: int | None

@@ -353,3 +353,51 @@ def test_a_busy_admin_port_refuses_to_start(tmp_path: Path, workers: int) -> Non
         )  # fmt: skip
         assert strict.returncode == 1
         assert strict.stdout.startswith(f"admin.listen: cannot listen on 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ejections_show_in_upstreams_and_events(
+    two: list[Any], portico: PorticoFactory, workers: int
+) -> None:
+    a, b = two
+    config = with_admin(
+        app_config(
+            [a.url, b.url],
+            outlier={"consecutive_failures": 2, "base_ejection": 2.0},
+            retry={"attempts": 1},
+        )
+    )
+    proxy = portico(config, workers=workers)
+    client = AdminClient(config)
+    a.board.status = 500
+    # Fresh connections spread over the workers; each ejects a after two of its own 500s.
+    wait_until(
+        lambda: spread_statuses(proxy.port, 6) and client.endpoint("app", a.label)["ejected"],
+        10,
+        message="a ejected",
+    )
+    row = client.endpoint("app", a.label)
+    assert row["state"] == "ejected" and row["ejected_by"] >= 1
+    assert client.endpoint("app", b.label)["ejected"] is False
+    wait_until(
+        lambda: any(
+            e["kind"] == "ejection" and e["message"].startswith(f"{a.label} ejected")
+            for e in client.json("/api/events")
+        ),
+        5,
+        message="an ejection event",
+    )
+    a.board.status = 200
+    wait_until(
+        lambda: any(
+            e["message"] == f"{a.label} back after ejection" for e in client.json("/api/events")
+        ),
+        15,
+        message="the end of the ejection in the events",
+    )
+
+
+def spread_statuses(port: int, n: int) -> bool:
+    for _ in range(n):
+        request(port)
+    return True

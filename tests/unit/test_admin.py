@@ -121,3 +121,18 @@ def test_status_providers() -> None:
     }
     providers.unregister("leader")
     assert providers.names() == ["tls"]
+
+
+def test_ejection_changes_become_events() -> None:
+    from portico.admin.fleet import ejection_changes
+
+    assert ejection_changes({}, {}) == []
+    assert ejection_changes({}, {("app", "h:1"): 1}) == [
+        ("app", "h:1 ejected (outlier detection, 1 process(es))")
+    ]
+    assert ejection_changes({("app", "h:1"): 1}, {("app", "h:1"): 2}) == [
+        ("app", "h:1 ejected by 2 process(es) (was 1)")
+    ]
+    assert ejection_changes({("app", "h:1"): 2, ("b", "h:2"): 1}, {("b", "h:2"): 1}) == [
+        ("app", "h:1 back after ejection")
+    ]

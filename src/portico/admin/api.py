@@ -28,6 +28,8 @@ RouteHandler = Callable[["Api", Request, dict[str, str], str], Any]
 
 # Most events one read returns.
 MAX_EVENTS = 1000
+# Seconds between two looks at the data plane's ejections (for the event log).
+WATCH_EVERY = 1.0
 
 
 def json_response(status: int, data: Any) -> Response:
@@ -94,6 +96,19 @@ class Api:
             return response
         return error(404, f"no such admin route: {request.path}")
 
+    async def watch(self) -> None:
+        """Turn state the data plane keeps (ejections, per worker) into events, every
+        ``WATCH_EVERY`` seconds, while the listener runs."""
+        known: dict[tuple[str, str], int] = {}
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
+            now = dict(self.fleet.ejections())
+            orchestrator = self.fleet.orchestrator()
+            if orchestrator is not None:
+                for upstream, message in views.ejection_changes(known, now):
+                    orchestrator.events.add(upstream, "ejection", message)
+            known = now
+
     def _reads_need_token(self) -> bool:
         admin = self.fleet.config.admin
         return admin is not None and admin.read == "token"
@@ -157,7 +172,8 @@ def _upstream(api: Api, req: Request, p: dict[str, str], who: str) -> Response:
     service = api.fleet.snapshot().services.get(p["upstream"])
     if service is None:
         return error(404, f"no upstream named {p['upstream']!r}")
-    return json_response(200, views.upstream_view(p["upstream"], service, api.fleet.config))
+    view = views.upstream_view(p["upstream"], service, api.fleet.config, api.fleet.ejections())
+    return json_response(200, view)
 
 
 def _now() -> float:

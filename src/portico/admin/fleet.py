@@ -49,6 +49,7 @@ class Fleet(Protocol):
         self, upstream: str, label: str, *, draining: bool | None, weight: int | None
     ) -> None: ...
     def worker_pids(self) -> list[int]: ...
+    def ejections(self) -> dict[tuple[str, str], int]: ...
     def source_path(self) -> str | None: ...
 
 
@@ -81,14 +82,20 @@ def endpoint_state(ep: Endpoint) -> str:
     return "up"
 
 
-def endpoint_view(ep: Endpoint) -> dict[str, Any]:
+def endpoint_view(ep: Endpoint, ejected_by: int = 0) -> dict[str, Any]:
+    """``ejected_by``: processes whose outlier detection ejects it (workers eject on their
+    own traffic, so with several workers it may be some of them)."""
+    state = endpoint_state(ep)
+    if ejected_by and state == "up":
+        state = "ejected"
     return {
         "endpoint": ep.label,
         "host": ep.host,
         "port": ep.port,
-        "state": endpoint_state(ep),
+        "state": state,
         "healthy": ep.up,
-        "ejected": ep.ejected,
+        "ejected": bool(ejected_by) or ep.ejected,
+        "ejected_by": ejected_by,
         "draining": ep.draining,
         "weight": ep.weight,
         "backup": ep.backup,
@@ -97,7 +104,9 @@ def endpoint_view(ep: Endpoint) -> dict[str, Any]:
     }
 
 
-def upstream_view(name: str, service: Service, config: Config) -> dict[str, Any]:
+def upstream_view(
+    name: str, service: Service, config: Config, ejections: dict[tuple[str, str], int]
+) -> dict[str, Any]:
     up = config.upstreams.get(name)
     kind = "backends"
     if up is not None and up.app is not None:
@@ -111,13 +120,16 @@ def upstream_view(name: str, service: Service, config: Config) -> dict[str, Any]
         "health_checks": service.health is not None,
         "unavailable": service.unavailable,
         "in_flight": service.active_requests(),
-        "endpoints": [endpoint_view(ep) for ep in service.endpoints],
+        "endpoints": [
+            endpoint_view(ep, ejections.get((name, ep.label), 0)) for ep in service.endpoints
+        ],
     }
 
 
 def upstreams_view(fleet: Fleet) -> list[dict[str, Any]]:
     snapshot = fleet.snapshot()
-    return [upstream_view(n, s, fleet.config) for n, s in snapshot.services.items()]
+    ejections = fleet.ejections()
+    return [upstream_view(n, s, fleet.config, ejections) for n, s in snapshot.services.items()]
 
 
 def routes_view(config: Config) -> list[dict[str, Any]]:
@@ -208,6 +220,27 @@ def apps_view(fleet: Fleet, now: float) -> list[dict[str, Any]]:
     if orchestrator is None:
         return []
     return [app_view(n, s, orchestrator, now) for n, s in orchestrator.supervisors.items()]
+
+
+def ejection_changes(
+    before: dict[tuple[str, str], int], after: dict[tuple[str, str], int]
+) -> list[tuple[str, str]]:
+    """(upstream, message) for each endpoint whose ejection began, spread or ended between two
+    looks. Ejections are decided in the data plane (per worker); this turns their state into
+    events for the log the dashboard shows."""
+    changes = []
+    for key in sorted(before.keys() | after.keys()):
+        upstream, label = key
+        old, new = before.get(key, 0), after.get(key, 0)
+        if old == new:
+            continue
+        if new == 0:
+            changes.append((upstream, f"{label} back after ejection"))
+        elif old == 0:
+            changes.append((upstream, f"{label} ejected (outlier detection, {new} process(es))"))
+        else:
+            changes.append((upstream, f"{label} ejected by {new} process(es) (was {old})"))
+    return changes
 
 
 def event_view(event: Event) -> dict[str, Any]:

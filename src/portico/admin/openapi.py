@@ -59,6 +59,7 @@ SCHEMAS: dict[str, Any] = {
             "state": {"type": "string", "enum": ["up", "down", "ejected", "draining"]},
             "healthy": {"type": "boolean"},
             "ejected": {"type": "boolean"},
+            "ejected_by": {"type": "integer", "description": "processes ejecting it"},
             "draining": {"type": "boolean"},
             "weight": {"type": "integer"},
             "backup": {"type": "boolean"},

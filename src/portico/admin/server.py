@@ -17,9 +17,10 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from portico.config.types import parse_hostport
@@ -64,6 +65,13 @@ class AdminServer:
         self.address: tuple[str, int] | None = None
         self._unix_path: str | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` while the listener runs; cancelled by ``stop``."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def start(self, listen: str | None, unix_socket: str | None) -> None:
         if listen is not None:
@@ -94,7 +102,7 @@ class AdminServer:
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
-        for task in list(self._connections):
+        for task in [*self._connections, *self._background]:
             task.cancel()
         for server in self.servers:
             with contextlib.suppress(Exception):

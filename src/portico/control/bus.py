@@ -16,7 +16,7 @@ master -> worker
     secrets and compiled it; ``data`` is its JSON dump, which the worker validates back into
     a ``Config`` (it cannot fail) and compiles against its own snapshot.
 worker -> master
-    ``("stats", {upstream: {label: (in_flight, requests)}}, {upstream: [latency, ...]})``:
+    ``("stats", {upstream: {label: (in_flight, requests, ejected)}}, {upstream: [latency]})``:
     every ``STATS_EVERY`` seconds, so the master's draining and autoscaling (and the admin
     API) see the load of all workers (summed); latencies for managed upstreams only.
     ``("demand", upstream)``: a request found no instance (scale from zero).
@@ -70,11 +70,13 @@ class MasterBus:
         self._snapshot_of = snapshot_of
         self._on_demand = on_demand
         self._pipes: dict[int, Connection] = {}
-        self._stats: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
+        self._stats: dict[int, dict[str, dict[str, tuple[int, int, bool]]]] = {}
         self._published: dict[str, list[membership.EndpointRow]] = {}
         self._starting: dict[str, int] = {}
         self._unavailable: dict[str, str | None] = {}
         self.managed: set[str] = set()  # upstreams whose endpoints the master owns
+        # (upstream, label) -> workers whose outlier detection ejects it now (admin API).
+        self.ejections: dict[tuple[str, str], int] = {}
         self.metrics = MetricTotals()  # the workers' request counters, summed
 
     def add(self, key: int, pipe: Connection) -> None:
@@ -165,16 +167,21 @@ class MasterBus:
     def _fold_stats(self) -> None:
         """The master's endpoints carry the sum of every worker's counters."""
         snapshot = self._snapshot_of()
+        ejections: dict[tuple[str, str], int] = {}
         for name, service in snapshot.services.items():
             for ep in service.endpoints:
-                in_flight = requests = 0
+                in_flight = requests = ejected = 0
                 for stats in self._stats.values():
                     row = stats.get(name, {}).get(ep.label)
                     if row is not None:
                         in_flight += row[0]
                         requests += row[1]
+                        ejected += row[2]
                 ep.in_flight = in_flight
                 ep.requests = max(ep.requests, requests)
+                if ejected:
+                    ejections[(name, ep.label)] = ejected
+        self.ejections = ejections
 
     def _add_latencies(self, latencies: dict[str, list[float]]) -> None:
         snapshot = self._snapshot_of()
@@ -252,10 +259,12 @@ def follow_master(
         nonlocal timer
         install_demand()  # a reload builds new services; keep them wired
         snapshot = snapshot_of()
-        stats: dict[str, dict[str, tuple[int, int]]] = {}
+        stats: dict[str, dict[str, tuple[int, int, bool]]] = {}
         latencies: dict[str, list[float]] = {}
         for name, service in snapshot.services.items():
-            stats[name] = {ep.label: (ep.in_flight, ep.requests) for ep in service.endpoints}
+            stats[name] = {
+                ep.label: (ep.in_flight, ep.requests, ep.ejected) for ep in service.endpoints
+            }
             if name in managed and service.latencies:
                 latencies[name] = list(service.latencies)
                 service.latencies.clear()

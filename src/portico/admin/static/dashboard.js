@@ -162,7 +162,8 @@ function render(tick) {
   const scaling = tick.events.filter((e) => ["scale", "start", "ready", "stop", "drain", "restart", "admin"].includes(e.kind));
   $("#timeline").innerHTML = scaling.reverse().map(item).join("") || '<li class="muted">nothing yet</li>';
   const bad = tick.events.filter((e) => ["crash", "crash_loop"].includes(e.kind) ||
-    (e.kind === "health" && /DOWN/i.test(e.message)));
+    (e.kind === "health" && /DOWN/i.test(e.message)) ||
+    (e.kind === "ejection" && / ejected/.test(e.message)));
   $("#errors").innerHTML = bad.reverse().map(item).join("") || '<li class="muted">none</li>';
 
   const providers = s.providers || {};
