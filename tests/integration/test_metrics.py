@@ -289,6 +289,35 @@ def test_retries_ejections_and_health(portico: Any, raw_backend: Any) -> None:
     assert total(found, "portico_requests_total", route="ejecting", status_class="5xx") == 2
 
 
+def test_drain_and_weight_gauges_follow_admin_actions(portico: Any, raw_backend: Any) -> None:
+    a, b = raw_backend(echo_http()), raw_backend(echo_http())
+    config, url = with_admin({
+        "server": {"shutdown_grace": 0.5},
+        "upstreams": {"app": {"backends": [a.url, b.url]}},
+        "routes": [{"name": "api", "path": "/", "upstream": "app"}],
+    })  # fmt: skip
+    portico(config, workers=2)
+    label = f"127.0.0.1:{a.port}"
+    found = samples(scrape(url))
+    assert total(found, "portico_endpoint_draining", endpoint=label) == 0
+    assert total(found, "portico_endpoint_weight", endpoint=label) == 1
+    api = url.removesuffix("/metrics") + f"/api/upstreams/app/endpoints/{label}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.post(api + "/drain", headers=auth, timeout=10).status_code == 200
+    assert (
+        httpx.post(api + "/weight", json={"weight": 7}, headers=auth, timeout=10).status_code == 200
+    )
+    found = wait_metric(
+        url,
+        lambda s: (
+            total(s, "portico_endpoint_draining", endpoint=label) == 1
+            and total(s, "portico_endpoint_weight", endpoint=label) == 7
+        ),
+        "draining and weight 7",
+    )
+    assert total(found, "portico_endpoint_draining", endpoint=f"127.0.0.1:{b.port}") == 0
+
+
 def test_circuit_breaker_skips(portico: Any, raw_backend: Any) -> None:
     one, two = raw_backend(slow_headers(1.0)), raw_backend(slow_headers(1.0))
     config, url = with_admin({
@@ -349,6 +378,7 @@ def test_app_instances_scale_events_and_restarts(portico: Any) -> None:
         "one ready instance",
     )
     assert total(found, "portico_app_scale_events_total", app="web") == 1
+    assert total(found, "portico_events_total", source="web", kind="scale") == 1
     assert total(found, "portico_app_desired_instances", app="web") == 1
     assert total(found, "portico_app_actual_instances", app="web") == 1
     servers = [

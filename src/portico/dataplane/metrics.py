@@ -21,6 +21,7 @@ With one process there is no bus: the scrape folds the delta into the totals its
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -55,67 +56,72 @@ def metrics_enabled(config: Any) -> bool:
     return admin is not None and bool(getattr(admin, "metrics", True))
 
 
-def _new_hist() -> list[float]:
-    return [0] * (HIST_LEN - 1) + [0.0]
+def _route_name(route: object) -> str:
+    return str(getattr(route, "name", "")) if route is not None else ""
 
 
-class Cell:
-    """Everything counted for one (route, upstream, endpoint) since the last report."""
-
-    __slots__ = ("durations", "received", "refused", "requests", "retries", "sent", "upstream")
-
-    def __init__(self) -> None:
-        self.requests = [0] * (len(METHOD_NAMES) * len(CLASSES))
-        self.durations = _new_hist()
-        self.upstream = _new_hist()
-        self.received = 0
-        self.sent = 0
-        self.retries = 0
-        self.refused: dict[str, int] | None = None
+# A cell is one flat list per (route, upstream, endpoint): one object to touch per request.
+# Its layout: request counts (method index * 6 + status class index), the duration
+# histogram (buckets, +Inf) and its sum, the upstream-time histogram and its sum, request and
+# response body bytes, retries.
+_REQS = len(METHOD_NAMES) * len(CLASSES)
+DUR = _REQS
+DUR_SUM = DUR + len(BUCKETS) + 1
+UP = DUR_SUM + 1
+UP_SUM = UP + len(BUCKETS) + 1
+RECV = UP_SUM + 1
+SENT = RECV + 1
+RETRIES = SENT + 1
+CELL_LEN = RETRIES + 1
 
 
 class RequestMetrics:
     """One worker's counters since its last report. Hot: ``count`` runs per request.
 
     Per request: one dict lookup by the (route, upstream, endpoint) objects the request
-    already holds, then list and attribute increments. Label strings and the Prometheus
-    keying are built at report time (``take``), ten times a second, not per request."""
+    already holds, then increments in one list. Label strings and the Prometheus keying are
+    built at report time (``take``), ten times a second, not per request."""
 
-    __slots__ = ("cells", "events")
+    __slots__ = ("cells", "events", "refused")
 
     def __init__(self) -> None:
-        self.cells: dict[tuple[object, str | None, str | None], Cell] = {}
+        self.cells: dict[tuple[object, str | None, str | None], list[float]] = {}
+        self.refused: dict[tuple[object, str], int] = {}  # (route, reason): rare, kept apart
         # (kind, upstream, endpoint) -> n: ejections and circuit-breaker skips, drained
         # from the services at each report (see ``take_service_events``).
         self.events: dict[tuple[str, str, str], int] = {}
 
-    def count(self, req: RequestState, duration: float) -> None:
+    def count(
+        self,
+        req: RequestState,
+        duration: float,
+        # Bound at definition: locals are the cheapest lookups on a path run per request.
+        _bisect: Callable[[tuple[float, ...], float], int] = bisect_left,
+        _buckets: tuple[float, ...] = BUCKETS,
+        _slot: Callable[[bytes, int], int] = _SLOT.get,
+    ) -> None:
         """Record one finished request (the only caller is ``exchange.finish``)."""
         key = (req.route, req.service, req.upstream)
-        cell = self.cells.get(key)
-        if cell is None:
-            cell = self.cells[key] = Cell()
+        c = self.cells.get(key)
+        if c is None:
+            c = self.cells[key] = [0] * CELL_LEN
         status = req.status // 100
-        cell.requests[
-            _SLOT.get(req.head.method, _OTHER_METHOD) + (status if status < 6 else 0)
-        ] += 1
-        h = cell.durations
-        h[bisect_left(BUCKETS, duration)] += 1
-        h[-1] += duration
+        c[_slot(req.head.method, _OTHER_METHOD) + (status if status < 6 else 0)] += 1
+        c[DUR + _bisect(_buckets, duration)] += 1
+        c[DUR_SUM] += duration
         up_time = req.upstream_time
         if up_time is not None:
-            h = cell.upstream
-            h[bisect_left(BUCKETS, up_time)] += 1
-            h[-1] += up_time
-        cell.received += req.received_bytes
-        cell.sent += req.sent_bytes
-        if req.tries > 1:
-            cell.retries += req.tries - 1
+            c[UP + _bisect(_buckets, up_time)] += 1
+            c[UP_SUM] += up_time
+        c[RECV] += req.received_bytes
+        c[SENT] += req.sent_bytes
+        tries = req.tries
+        if tries > 1:
+            c[RETRIES] += tries - 1
         refused = req.refused
         if refused is not None:
-            if cell.refused is None:
-                cell.refused = {}
-            cell.refused[refused] = cell.refused.get(refused, 0) + 1
+            rkey = (req.route, refused)
+            self.refused[rkey] = self.refused.get(rkey, 0) + 1
 
     def take(self, ctx: ProxyContext) -> Delta:
         """What was counted since the last call, as plain picklable dicts keyed by label
@@ -127,25 +133,27 @@ class RequestMetrics:
         upstream_durations: dict[tuple[str, str], list[float]] = {}  # (upstream, endpoint)
         sizes: dict[str, list[int]] = {}  # route -> [received, sent]
         retries: dict[str, int] = {}
-        refused: dict[tuple[str, str], int] = {}
-        for (route, service, endpoint), cell in cells.items():
-            rname = getattr(route, "name", "") if route is not None else ""
+        width = len(CLASSES)
+        for (route, service, endpoint), c in cells.items():
+            rname = _route_name(route)
             upstream, label = service or "", endpoint or ""
-            width = len(CLASSES)
-            for i, n in enumerate(cell.requests):
+            for i in range(_REQS):
+                n = int(c[i])
                 if n:
                     key = (rname, upstream, label, METHOD_NAMES[i // width], CLASSES[i % width])
                     requests[key] = requests.get(key, 0) + n
-            _add_hists(durations, {(rname, upstream): cell.durations})
-            if sum(cell.upstream[:-1]):
-                _add_hists(upstream_durations, {(upstream, label): cell.upstream})
+            _add_hists(durations, {(rname, upstream): c[DUR : DUR_SUM + 1]})
+            if any(c[UP:UP_SUM]):
+                _add_hists(upstream_durations, {(upstream, label): c[UP : UP_SUM + 1]})
             b = sizes.setdefault(rname, [0, 0])
-            b[0] += cell.received
-            b[1] += cell.sent
-            if cell.retries:
-                retries[upstream] = retries.get(upstream, 0) + cell.retries
-            for reason, n in (cell.refused or {}).items():
-                refused[rname, reason] = refused.get((rname, reason), 0) + n
+            b[0] += int(c[RECV])
+            b[1] += int(c[SENT])
+            if c[RETRIES]:
+                retries[upstream] = retries.get(upstream, 0) + int(c[RETRIES])
+        refused: dict[tuple[str, str], int] = {}
+        for (route, reason), n in self.refused.items():
+            refused[_route_name(route), reason] = refused.get((_route_name(route), reason), 0) + n
+        self.refused = {}
         events, self.events = self.events, {}
         return {
             "requests": requests,
