@@ -276,7 +276,10 @@ def rounds_rows(
     return [
         (
             str(n),
-            *(f"{r.wrk.requests_per_s:,.0f}, {r.cpu_us_per_request:.1f} us" for r in runs.values()),
+            *(
+                f"{r.wrk.requests_per_s:,.0f}, {r.cpu_us_per_request:.1f} us"
+                for r in runs.values()
+            ),
         )
         for n, runs in enumerate(m.route_rounds if rounds is None else rounds, 1)
     ]

@@ -332,11 +332,8 @@ def measure(
             static_prefix, nginx.static_conf(static_prefix, static_port, backend_port)
         )
         nginx.write_static_files(nginx.www_dir(static_prefix))
-        up(
-            start_nginx("nginx-static", static_prefix, conf_path, PROXY_CPU),
-            static_port,
-            static_expect,
-        )
+        up(start_nginx("nginx-static", static_prefix, conf_path, PROXY_CPU), static_port,
+           static_expect)
         static_targets[report.NGINX] = static_port
         if not args.skip_portico:
             port = procs.free_port()
@@ -352,18 +349,13 @@ def measure(
 
     results: dict[tuple[str, str], wrk.WrkResult] = {}
     runs = [(body, path, (), targets) for body, path in BODY_PATHS.items()]
-    runs += [
-        (body, path, hdrs, static_targets)
-        for body, (path, hdrs) in STATIC_BODIES.items()
-        if static_targets
-    ]
+    runs += [(body, path, hdrs, static_targets) for body, (path, hdrs) in STATIC_BODIES.items()
+             if static_targets]
     for body, path, headers, where in runs:
         for target, port in where.items():
             url = f"http://127.0.0.1:{port}{path}"
             load = {
-                "connections": args.connections,
-                "threads": args.threads,
-                "cpu": LOAD_CPU,
+                "connections": args.connections, "threads": args.threads, "cpu": LOAD_CPU,
                 "headers": headers,
             }
             if args.warmup:
@@ -371,9 +363,7 @@ def measure(
                 wrk.run(url, duration_s=args.warmup, **load)  # type: ignore[arg-type]
             progress(f"{target:8} {body}: measuring {args.duration}s")
             results[target, body] = result = wrk.run(
-                url,
-                duration_s=args.duration,
-                **load,  # type: ignore[arg-type]
+                url, duration_s=args.duration, **load  # type: ignore[arg-type]
             )
             for service in services:
                 service.check_alive()
