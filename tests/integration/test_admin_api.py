@@ -227,6 +227,11 @@ def test_reads_can_require_the_token(two: list[Any], portico: PorticoFactory) ->
     assert client.get("/api/upstreams").status_code == 401
     assert client.get("/metrics").status_code == 401
     assert client.get("/api/upstreams", token=TOKEN).status_code == 200
+    # The page, its files and the API document hold no data: the page asks for the token.
+    assert client.get("/").status_code == 200
+    assert client.get("/static/dashboard.js").status_code == 200
+    assert client.get("/api/openapi.json").status_code == 200
+    assert client.get("/api/stream").status_code == 401
 
 
 def test_unknown_upstream_endpoint_or_app_is_404(two: list[Any], portico: PorticoFactory) -> None:
@@ -401,3 +406,40 @@ def spread_statuses(port: int, n: int) -> bool:
     for _ in range(n):
         request(port)
     return True
+
+
+def test_live_streams_are_bounded_and_released(two: list[Any], portico: PorticoFactory) -> None:
+    import socket
+
+    from portico.admin.dashboard import MAX_STREAMS
+
+    a, b = two
+    config = with_admin(app_config([a.url, b.url]))
+    portico(config)
+    client = AdminClient(config)
+    host, port = config["admin"]["listen"].split(":")
+
+    def open_stream(method: str = "GET") -> tuple[socket.socket, bytes]:
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock.sendall(f"{method} /api/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        return sock, sock.recv(200)
+
+    for _ in range(MAX_STREAMS + 5):  # HEAD sends no stream and holds no place
+        sock, head = open_stream("HEAD")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sock.close()
+    streams = [open_stream() for _ in range(MAX_STREAMS)]
+    try:
+        assert all(head.startswith(b"HTTP/1.1 200 ") for _, head in streams)
+        assert client.get("/api/stream").status_code == 503
+        streams.pop()[0].close()  # noticed at its next tick (a second at most)
+
+        def one_more() -> bool:
+            sock, head = open_stream()
+            streams.append((sock, head))
+            return head.startswith(b"HTTP/1.1 200 ")
+
+        wait_until(one_more, 5, interval=0.2, message="the closed stream's place freed")
+    finally:
+        for sock, _ in streams:
+            sock.close()

@@ -56,6 +56,9 @@ def test_api_matches_its_openapi_document(
             str(MAX_SECONDS),
             "--seed",
             "12",
+            # Portico binds its traffic listeners first: the admin one follows within moments.
+            "--wait-for-schema",
+            "10",
             "--report-dir",
             str(tmp_path),
         ],

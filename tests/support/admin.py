@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from tests.support.ports import free_port
+from tests.support.waiting import wait_for_port
 
 TOKEN = "test-token-123"
 
@@ -24,6 +25,9 @@ class AdminClient:
     def __init__(self, config: dict[str, Any], token: str | None = TOKEN) -> None:
         self.base = f"http://{config['admin']['listen']}"
         self.token = token
+        # Portico binds its traffic listeners first: the admin one follows within moments.
+        host, _, port = config["admin"]["listen"].rpartition(":")
+        wait_for_port(int(port), timeout=10, host=host)
 
     def headers(self, token: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"} if token else {}

@@ -68,10 +68,13 @@ def test_openapi_documents_exactly_the_routes() -> None:
     documented = {(m.upper(), path) for path, ops in doc["paths"].items() for m in ops}
     assert documented == {(method, path) for method, path, _, _ in ROUTES}
     # Every action declares the token; no read does.
-    for method, path, _, is_action in ROUTES:
+    for method, path, _, access in ROUTES:
         op = doc["paths"][path][method.lower()]
-        assert ("security" in op) is is_action, path
-        assert "401" in op["responses"], path
+        assert ("security" in op) is (access == "action"), path
+        assert ("401" in op["responses"]) is (access != "public"), path
+    assert {path for _, path, _, access in ROUTES if access == "public"} == {
+        "/", "/static/{file}", "/api/openapi.json",
+    }  # fmt: skip
 
 
 def test_secrets_never_leave() -> None:

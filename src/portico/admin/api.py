@@ -23,8 +23,9 @@ from portico.admin.fleet import Fleet
 from portico.admin.openapi import document
 from portico.admin.server import Request, Response
 
-Reply = Response | Awaitable[Response]
-RouteHandler = Callable[["Api", Request, dict[str, str], str], Any]
+# Who may call a route: anyone (the page and its files, the API document: no data in them),
+# readers (open unless admin.read = "token"), or holders of a token (actions).
+PUBLIC, READ, ACTION = "public", "read", "action"
 
 # Most events one read returns.
 MAX_EVENTS = 1000
@@ -49,10 +50,10 @@ class Api:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.streams = dashboard.StreamCount()
-        self.routes: list[tuple[str, re.Pattern[str], Callable[..., Any], bool]] = []
-        for method, path, fn, is_action in ROUTES:
+        self.routes: list[tuple[str, re.Pattern[str], Callable[..., Any], str]] = []
+        for method, path, fn, access in ROUTES:
             pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
-            self.routes.append((method, re.compile(f"^{pattern}$"), fn, is_action))
+            self.routes.append((method, re.compile(f"^{pattern}$"), fn, access))
 
     def who(self, request: Request) -> str | None:
         """The name of the caller's token (``unix`` through the socket), or None."""
@@ -72,7 +73,7 @@ class Api:
     async def __call__(self, request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method
         allowed: list[str] = []
-        for route_method, pattern, fn, is_action in self.routes:
+        for route_method, pattern, fn, access in self.routes:
             match = pattern.match(request.path)
             if match is None:
                 continue
@@ -80,7 +81,8 @@ class Api:
                 allowed.append(route_method)
                 continue
             who = self.who(request)
-            if who is None and (is_action or self._reads_need_token()):
+            is_action = access == ACTION
+            if who is None and (is_action or (access == READ and self._reads_need_token())):
                 return self._unauthorized(is_action)
             try:
                 reply = fn(self, request, match.groupdict(), who or "anonymous")
@@ -206,7 +208,8 @@ def _stream(api: Api, req: Request, p: dict[str, str], who: str) -> Response:
     return Response(
         200,
         content_type="text/event-stream",
-        stream=dashboard.ticks(api.fleet, api.streams),
+        stream=dashboard.ticks(api.fleet),
+        on_close=api.streams.release,
     )
 
 
@@ -264,25 +267,25 @@ def _reload(api: Api, req: Request, p: dict[str, str], who: str) -> Response:
 
 EP = "/api/upstreams/{upstream}/endpoints/{endpoint}"
 
-# (method, path, handler, is an action). The OpenAPI document lists the same paths.
-ROUTES: list[tuple[str, str, Callable[..., Any], bool]] = [
-    ("GET", "/", _index, False),
-    ("GET", "/static/{file}", _static, False),
-    ("GET", "/metrics", _metrics, False),
-    ("GET", "/api/openapi.json", _openapi, False),
-    ("GET", "/api/status", _status, False),
-    ("GET", "/api/config", _config, False),
-    ("GET", "/api/routes", _routes, False),
-    ("GET", "/api/upstreams", _upstreams, False),
-    ("GET", "/api/upstreams/{upstream}", _upstream, False),
-    ("GET", "/api/apps", _apps, False),
-    ("GET", "/api/apps/{app}", _app, False),
-    ("GET", "/api/events", _events, False),
-    ("GET", "/api/stream", _stream, False),
-    ("POST", EP + "/drain", _drain, True),
-    ("POST", EP + "/undrain", _undrain, True),
-    ("POST", EP + "/weight", _weight, True),
-    ("POST", "/api/apps/{app}/scale", _scale, True),
-    ("POST", "/api/apps/{app}/restart", _restart, True),
-    ("POST", "/api/reload", _reload, True),
+# (method, path, handler, who may call it). The OpenAPI document lists the same paths.
+ROUTES: list[tuple[str, str, Callable[..., Any], str]] = [
+    ("GET", "/", _index, PUBLIC),
+    ("GET", "/static/{file}", _static, PUBLIC),
+    ("GET", "/metrics", _metrics, READ),
+    ("GET", "/api/openapi.json", _openapi, PUBLIC),
+    ("GET", "/api/status", _status, READ),
+    ("GET", "/api/config", _config, READ),
+    ("GET", "/api/routes", _routes, READ),
+    ("GET", "/api/upstreams", _upstreams, READ),
+    ("GET", "/api/upstreams/{upstream}", _upstream, READ),
+    ("GET", "/api/apps", _apps, READ),
+    ("GET", "/api/apps/{app}", _app, READ),
+    ("GET", "/api/events", _events, READ),
+    ("GET", "/api/stream", _stream, READ),
+    ("POST", EP + "/drain", _drain, ACTION),
+    ("POST", EP + "/undrain", _undrain, ACTION),
+    ("POST", EP + "/weight", _weight, ACTION),
+    ("POST", "/api/apps/{app}/scale", _scale, ACTION),
+    ("POST", "/api/apps/{app}/restart", _restart, ACTION),
+    ("POST", "/api/reload", _reload, ACTION),
 ]

@@ -104,13 +104,10 @@ def tick(fleet: Fleet) -> dict[str, Any]:
     }
 
 
-async def ticks(fleet: Fleet, count: StreamCount) -> AsyncIterator[bytes]:
+async def ticks(fleet: Fleet) -> AsyncIterator[bytes]:
     """The SSE stream: a tick now, then one every ``STREAM_EVERY`` seconds."""
-    try:
-        yield b"retry: 2000\n\n"
-        while True:
-            data = json.dumps(tick(fleet), separators=(",", ":"))
-            yield f"event: tick\ndata: {data}\n\n".encode()
-            await asyncio.sleep(STREAM_EVERY)
-    finally:
-        count.release()
+    yield b"retry: 2000\n\n"
+    while True:
+        data = json.dumps(tick(fleet), separators=(",", ":"))
+        yield f"event: tick\ndata: {data}\n\n".encode()
+        await asyncio.sleep(STREAM_EVERY)

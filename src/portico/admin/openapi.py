@@ -213,24 +213,29 @@ def _action(
 
 
 def _read(
-    summary: str, schema: dict[str, Any], *codes: int, params: list[dict[str, Any]] | None = None
+    summary: str,
+    schema: dict[str, Any],
+    *codes: int,
+    params: list[dict[str, Any]] | None = None,
+    public: bool = False,
 ) -> dict[str, Any]:
+    """A GET; 401 when admin.read = "token" and no token came, unless ``public``."""
     op: dict[str, Any] = {
         "summary": summary,
-        "responses": {"200": _json(schema, "ok"), **_errors(401, *codes)},
+        "responses": {"200": _json(schema, "ok"), **_errors(*codes, *(() if public else (401,)))},
     }
     if params:
         op["parameters"] = params
     return {"get": op}
 
 
-def _text(summary: str, media: str, *codes: int) -> dict[str, Any]:
+def _text(summary: str, media: str, *codes: int, public: bool = False) -> dict[str, Any]:
     return {
         "get": {
             "summary": summary,
             "responses": {
                 "200": {"description": "ok", "content": {media: {"schema": {"type": "string"}}}},
-                **_errors(401, *codes),
+                **_errors(*codes, *(() if public else (401,))),
             },
         }
     }
@@ -255,19 +260,19 @@ def document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "paths": {
-            "/": _text("the dashboard", "text/html"),
+            "/": _text("the dashboard", "text/html", public=True),
             "/static/{file}": {
                 "get": {
                     "summary": "a dashboard asset",
                     "parameters": [_param("file", "file name")],
                     "responses": {
                         "200": {"description": "the file"},
-                        **_errors(401, 404),
+                        **_errors(404),
                     },
                 }
             },
             "/metrics": _text("Prometheus exposition", "text/plain", 404),
-            "/api/openapi.json": _read("this document", {"type": "object"}),
+            "/api/openapi.json": _read("this document", {"type": "object"}, public=True),
             "/api/status": _read("the gateway and other features' status", _ref("Status")),
             "/api/config": _read("the effective config, secrets redacted", {"type": "object"}),
             "/api/routes": _read("routes", {"type": "array", "items": _ref("Route")}),

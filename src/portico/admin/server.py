@@ -53,6 +53,7 @@ class Response:
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
     stream: AsyncIterator[bytes] | None = None
+    on_close: Callable[[], None] | None = None  # called once the stream ends, however it ends
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -157,8 +158,12 @@ class AdminServer:
                 response = _plain(500, "internal error (see the Portico log)")
             close = request.headers.get("connection", "").lower() == "close"
             if response.stream is not None:
-                await _write_stream(writer, response)
-                return
+                if request.method == "HEAD":
+                    _close_stream(response)
+                    response = Response(response.status, b"", response.content_type)
+                else:
+                    await _write_stream(writer, response)
+                    return
             await _write(writer, response, close, head_only=request.method == "HEAD")
             if close:
                 return
@@ -214,11 +219,18 @@ async def _write(
 
 async def _write_stream(writer: asyncio.StreamWriter, response: Response) -> None:
     assert response.stream is not None
-    writer.write(_head_bytes(response, [("Connection", "close")]))
     try:
+        writer.write(_head_bytes(response, [("Connection", "close")]))
         async for chunk in response.stream:
             writer.write(chunk)
             await writer.drain()
     finally:
         with contextlib.suppress(Exception):
             await response.stream.aclose()  # type: ignore[attr-defined]
+        _close_stream(response)
+
+
+def _close_stream(response: Response) -> None:
+    if response.on_close is not None:
+        response.on_close()
+        response.on_close = None

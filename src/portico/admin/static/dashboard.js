@@ -59,20 +59,21 @@ function quantile(q, bounds, counts) {
 }
 
 function windowed(cur, old, seconds) {
-  // req/s, error share and p50/p99 of what happened between two cumulative summaries.
-  if (!cur) return { rps: null, err: null, p50: null, p99: null, requests: 0 };
+  // req/s, error share and p50/p99 of what happened between two cumulative summaries, `seconds`
+  // apart (0: no earlier tick yet). No `old` summary then means nothing was counted yet.
+  if (!cur) return { rps: seconds > 0 ? 0 : null, err: null, p50: null, p99: null, requests: 0 };
   const requests = cur.requests - (old ? old.requests : 0);
   const errors = cur.errors - (old ? old.errors : 0);
   let p50 = cur.p50, p99 = cur.p99;
-  if (old && cur.latency && old.latency && requests > 0) {
+  if (seconds > 0 && cur.latency && requests > 0) {
     const per = (cum) => cum.map((v, i) => v - (i ? cum[i - 1] : 0));
-    const a = per(cur.latency.counts), b = per(old.latency.counts);
+    const a = per(cur.latency.counts), b = old && old.latency ? per(old.latency.counts) : [];
     const diff = a.map((v, i) => v - (b[i] || 0));
     p50 = quantile(0.5, cur.latency.buckets, diff);
     p99 = quantile(0.99, cur.latency.buckets, diff);
   }
   return {
-    rps: old && seconds > 0 ? requests / seconds : null,
+    rps: seconds > 0 ? requests / seconds : null,
     err: requests > 0 ? errors / requests : null,
     p50, p99, requests: cur.requests,
   };
