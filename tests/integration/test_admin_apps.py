@@ -120,3 +120,30 @@ def test_scale_without_autoscaler_and_restart_with_nothing_ready(portico: Portic
     answer = client.post("/api/apps/web/scale", {"count": 1})
     assert answer.json() == {"app": "web", "desired": 1, "hold": None}
     wait_until(lambda: len(ready_ids(client)) == 1, SOON, message="the instance asked for")
+
+
+def test_an_instance_its_supervisor_drains_cannot_be_undrained(portico: PorticoFactory) -> None:
+    import threading
+
+    from tests.support.fleet import request
+
+    config = app_fleet(min=1, max=1, drain_timeout=10.0)
+    proxy = portico(config)
+    client = AdminClient(config)
+    wait_until(lambda: len(ready_ids(client)) == 1, SOON, message="one instance ready")
+    (old,) = client.json("/api/apps/web")["instances"]
+    # A slow request keeps the old instance draining during the rolling restart.
+    slow = threading.Thread(target=request, args=(proxy.port, "GET", "/sleep/4"), daemon=True)
+    slow.start()
+    wait_until(lambda: client.json("/api/apps/web")["instances"][0]["in_flight"] == 1, 5)
+    assert client.post("/api/apps/web/restart").status_code == 202
+    wait_until(
+        lambda: client.endpoint("web", old["endpoint"])["draining"], SOON, message="old draining"
+    )
+    answer = client.post(f"/api/upstreams/web/endpoints/{old['endpoint']}/undrain")
+    assert answer.status_code == 409
+    assert answer.json()["error"] == (
+        f"web/{old['endpoint']} is leaving ({old['id']} is draining): it cannot be undrained"
+    )
+    assert client.endpoint("web", old["endpoint"])["draining"] is True
+    slow.join(10)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from portico.admin.fleet import Fleet, effective_config
 from portico.config.apps import App
 from portico.config.load import load_text, problems_from
-from portico.control.supervisor import Supervisor
+from portico.control.supervisor import State, Supervisor
 from portico.errors import ConfigError
 from portico.runtime.endpoint import Endpoint
 
@@ -73,10 +73,23 @@ def set_draining(
     fleet: Fleet, who: str, upstream: str, label: str, draining: bool
 ) -> dict[str, Any]:
     ep = find_endpoint(fleet, upstream, label)
+    if not draining and (why := _leaving(fleet, upstream, label)) is not None:
+        raise ActionError(409, f"{upstream}/{label} is leaving ({why}): it cannot be undrained")
     fleet.set_endpoint(upstream, label, draining=draining, weight=None)
     verb = "drain" if draining else "undrain"
     _record(fleet, who, upstream, f"{verb} {upstream}/{label}")
     return {"upstream": upstream, "endpoint": label, "draining": ep.draining}
+
+
+def _leaving(fleet: Fleet, upstream: str, label: str) -> str | None:
+    """Why an app's endpoint is on its way out (its supervisor drains it to stop it), if so."""
+    orchestrator = fleet.orchestrator()
+    sup = orchestrator.supervisors.get(upstream) if orchestrator is not None else None
+    for managed in sup.instances if sup is not None else ():
+        ep = managed.endpoint
+        if ep is not None and ep.label == label and managed.state is not State.READY:
+            return f"{managed.instance.id} is {managed.state.value}"
+    return None
 
 
 def set_weight(
