@@ -305,7 +305,12 @@ def document() -> dict[str, Any]:
                 [UPSTREAM, ENDPOINT],
                 ENDPOINT_ACTION,
             ),
-            EP + "/undrain": _action("take requests again", [UPSTREAM, ENDPOINT], ENDPOINT_ACTION),
+            EP + "/undrain": _action(
+                "take requests again (409: an app instance its supervisor is stopping)",
+                [UPSTREAM, ENDPOINT],
+                ENDPOINT_ACTION,
+                409,
+            ),
             EP + "/weight": _action(
                 "set the balancing weight (until the next reload)",
                 [UPSTREAM, ENDPOINT],
