@@ -28,6 +28,7 @@ from typing import Any
 
 from portico.admin.api import Api
 from portico.admin.server import AdminServer
+from portico.config.admin import is_loopback
 from portico.config.load import load_file
 from portico.config.model import Config
 from portico.control import logformat, pidfile
@@ -154,7 +155,23 @@ def prepare_reload(current: Config, new: Config) -> tuple[Config, ReloadResult]:
             upstreams[name] = up.model_copy(
                 update={"sticky": up.sticky.model_copy(update={"secret": old.sticky.secret})}
             )
-    config = with_secrets(new.model_copy(update={"server": server, "upstreams": upstreams}))
+    admin = new.admin
+    if (admin is None) != (current.admin is None):
+        restart.append("admin")  # the listener is bound (or not) at start only
+        admin = current.admin
+    elif admin is not None and current.admin is not None:
+        # Its addresses are bound once, like server.listen: keep the running ones.
+        for key in ("listen", "unix_socket"):
+            if getattr(admin, key) != getattr(current.admin, key):
+                restart.append(f"admin.{key}")
+        running = {k: getattr(current.admin, k) for k in ("listen", "unix_socket")}
+        admin = admin.model_copy(update=running)
+        if admin.listen and not is_loopback(admin.listen) and not admin.all_tokens():
+            why = f"the running admin listener on {admin.listen} is not loopback-only: keep a token"
+            return current, ReloadResult(False, problems=[("admin.token", why)])
+    config = with_secrets(
+        new.model_copy(update={"server": server, "upstreams": upstreams, "admin": admin})
+    )
     changed = [
         name for name in Config.model_fields if getattr(config, name) != getattr(current, name)
     ]
@@ -377,6 +394,8 @@ class Gateway:
         on the config they started with, and keep-alive connections stay open.
         """
         config, result = prepare_reload(self.config, new)
+        if not result.applied:
+            return result
         previous = self.snapshot()
         try:
             if self.serving is not None:

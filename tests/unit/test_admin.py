@@ -139,3 +139,29 @@ def test_ejection_changes_become_events() -> None:
     assert ejection_changes({("app", "h:1"): 2, ("b", "h:2"): 1}, {("b", "h:2"): 1}) == [
         ("app", "h:1 back after ejection")
     ]
+
+
+def test_reload_keeps_the_admin_listener_as_it_runs() -> None:
+    from portico.gateway import prepare_reload
+
+    running = validate({**BASE, "admin": {"listen": "0.0.0.0:9901", "token": "token-one"}})
+    # A new token applies; a new address waits for a restart.
+    new = validate({**BASE, "admin": {"listen": "127.0.0.1:9902", "token": "token-two"}})
+    config, result = prepare_reload(running, new)
+    assert result.applied and result.restart_required == ["admin.listen"]
+    assert config.admin is not None
+    assert (config.admin.listen, config.admin.token) == ("0.0.0.0:9901", "token-two")
+    # Dropping [admin] keeps it running (and guarded) until a restart.
+    config, result = prepare_reload(running, validate(BASE))
+    assert result.applied and result.restart_required == ["admin"]
+    assert config.admin == running.admin
+    # No token left while the running listener is public: refused.
+    new = validate({**BASE, "admin": {"listen": "127.0.0.1:9901"}})
+    config, result = prepare_reload(running, new)
+    assert not result.applied and config is running
+    assert result.problems == [
+        (
+            "admin.token",
+            "the running admin listener on 0.0.0.0:9901 is not loopback-only: keep a token",
+        )
+    ]
