@@ -443,3 +443,41 @@ def test_live_streams_are_bounded_and_released(two: list[Any], portico: PorticoF
     finally:
         for sock, _ in streams:
             sock.close()
+
+
+def test_the_admin_server_refuses_malformed_requests(
+    two: list[Any], portico: PorticoFactory
+) -> None:
+    import socket
+
+    a, b = two
+    config = with_admin(app_config([a.url, b.url]))
+    portico(config)
+    AdminClient(config)  # waits for the port
+    host, port = config["admin"]["listen"].split(":")
+
+    def exchange(raw: bytes) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(raw)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    assert exchange(b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert exchange(b"GET relative HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert exchange(b"GET / HTTP/1.1\r\nX: " + b"x" * 20000 + b"\r\n\r\n").startswith(
+        b"HTTP/1.1 431 "
+    )
+    chunked = b"POST /api/reload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    assert exchange(chunked).startswith(b"HTTP/1.1 411 ")
+    huge = b"POST /api/reload HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"
+    assert exchange(huge).startswith(b"HTTP/1.1 413 ")
+    # Keep-alive: two requests on one connection, the second closing it; HEAD has no body.
+    both = exchange(
+        b"GET /api/status HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"HEAD /api/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert both.count(b"HTTP/1.1 200 OK") == 2
+    assert both.rstrip().endswith(b"Connection: close\r\nCache-Control: no-store\r\n"
+                                  b"X-Content-Type-Options: nosniff")  # fmt: skip
