@@ -1,7 +1,8 @@
 """The dashboard in headless Chromium (Debian's /usr/bin/chromium) driven by Playwright: the
 page loads with no console error, its numbers move under load, the Drain button drains an
 endpoint (confirmed in the dialog) and the page shows it, the Scale button starts an
-instance. The run saves docs/img/dashboard.png for docs/operations.md."""
+instance, Weight and Undrain (and Cancel, which changes nothing) and Restart do what they say.
+The run saves docs/img/dashboard.png for docs/operations.md."""
 
 from __future__ import annotations
 
@@ -149,6 +150,34 @@ def test_dashboard(portico: PorticoFactory, raw_backend: RawBackendFactory, tmp_
             expect(page.locator("#timeline")).to_contain_text("admin: scale web 1 -> 2")
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # Weight: the dialog asks for the number; the page shows the new weight.
+            row_b = page.locator(f'tr[data-endpoint="pool/{b.label}"]')
+            row_b.locator('button[data-act="weight"]').click()
+            page.fill("#confirm-input", "7")
+            page.click("#confirm-ok")
+            expect(row_b.locator(".weight")).to_have_text("7", timeout=SHOW_MS)
+            assert client.endpoint("pool", b.label)["weight"] == 7
+            # Cancel changes nothing; Undrain brings a back.
+            row_a.locator('button[data-act="undrain"]').click()
+            page.click("#confirm-cancel")
+            assert client.endpoint("pool", a.label)["draining"] is True
+            row_a.locator('button[data-act="undrain"]').click()
+            page.click("#confirm-ok")
+            expect(row_a.locator(".state")).to_have_text("up", timeout=SHOW_MS)
+            # Restart: every instance replaced, the timeline says so.
+            before = set(page.locator("tr[data-instance]").evaluate_all(
+                "rows => rows.map(r => r.dataset.instance)"
+            ))  # fmt: skip
+            page.locator('h3[data-app="web"] button[data-act="restart"]').click()
+            page.click("#confirm-ok")
+            expect(page.locator("#timeline")).to_contain_text(
+                "web rolling restart done", timeout=SHOW_MS * 2
+            )
+            after = set(page.locator("tr[data-instance]").evaluate_all(
+                "rows => rows.map(r => r.dataset.instance)"
+            ))  # fmt: skip
+            assert after and not after & before, (before, after)
         finally:
             browser.close()
     assert errors == []
