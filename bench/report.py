@@ -22,6 +22,9 @@ MAX_RSS_MIB = 60.0
 MIN_ROUTES_RATIO = 0.9
 # The same budget in CPU time per request, the figure that holds on a loaded machine.
 MAX_ROUTES_CPU_RATIO = 1.11  # 1 / MIN_ROUTES_RATIO, rounded
+# Issue 12: metrics on (counted, summed, scraped every second) within 5% of metrics off.
+MIN_METRICS_RATIO = 0.95
+MAX_METRICS_CPU_RATIO = 1.05
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Measurements:
     route_rounds: list[dict[str, RouteRun]] = field(default_factory=list)
     # target -> (gzip bytes, decoded bytes) of the JSON body (--static only).
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The metrics case (--metrics): per round, metrics off (first) and on.
+    metrics_rounds: list[dict[str, RouteRun]] = field(default_factory=list)
 
     def bodies(self) -> list[str]:
         measured = {body for _, body in self.results}
@@ -72,16 +77,21 @@ class RouteSummary:
 
 
 def route_summaries(m: Measurements) -> dict[str, RouteSummary]:
-    if not m.route_rounds:
+    return summarize(m.route_rounds)
+
+
+def summarize(rounds: list[dict[str, RouteRun]]) -> dict[str, RouteSummary]:
+    """Medians over rounds per target, with ratios to the first target's medians."""
+    if not rounds:
         return {}
     medians = {
         target: (
-            _median([r[target].wrk.requests_per_s for r in m.route_rounds]),
-            _median([r[target].wrk.p99_ms for r in m.route_rounds]),
-            _median([r[target].cpu_us_per_request for r in m.route_rounds]),
-            sum(r[target].wrk.errors for r in m.route_rounds),
+            _median([r[target].wrk.requests_per_s for r in rounds]),
+            _median([r[target].wrk.p99_ms for r in rounds]),
+            _median([r[target].cpu_us_per_request for r in rounds]),
+            sum(r[target].wrk.errors for r in rounds),
         )
-        for target in m.route_rounds[0]
+        for target in rounds[0]
     }
     base_rps, _, base_cpu, _ = next(iter(medians.values()))
     return {
@@ -157,6 +167,21 @@ def checks(m: Measurements) -> list[Check]:
                     MAX_ROUTES_CPU_RATIO,
                 )
             )
+    pairs = list(summarize(m.metrics_rounds).items())
+    if pairs:
+        base = pairs[0][0]
+        for target, summary in pairs[1:]:
+            out.append(
+                Check(f"small req/s {target}/{base}", summary.rps_ratio, ">=", MIN_METRICS_RATIO)
+            )
+            out.append(
+                Check(
+                    f"small CPU/request {target}/{base}",
+                    summary.cpu_ratio,
+                    "<=",
+                    MAX_METRICS_CPU_RATIO,
+                )
+            )
     return out
 
 
@@ -214,8 +239,14 @@ ROUTES_HEADER = (
 )
 
 
-def routes_rows(m: Measurements) -> list[tuple[str, ...]]:
-    """Medians over the rounds, with ratios to the single route's medians."""
+METRICS_HEADER = ("metrics (small body)", *ROUTES_HEADER[1:])
+
+
+def routes_rows(
+    m: Measurements, rounds: list[dict[str, RouteRun]] | None = None
+) -> list[tuple[str, ...]]:
+    """Medians over the rounds, with ratios to the first target's medians (the single route,
+    or metrics off)."""
     return [
         (
             target,
@@ -226,16 +257,21 @@ def routes_rows(m: Measurements) -> list[tuple[str, ...]]:
             f"{s.rps_ratio:.3f}",
             f"{s.cpu_ratio:.3f}",
         )
-        for target, s in route_summaries(m).items()
+        for target, s in summarize(m.route_rounds if rounds is None else rounds).items()
     ]
 
 
-def rounds_header(m: Measurements) -> tuple[str, ...]:
-    targets = list(m.route_rounds[0]) if m.route_rounds else []
+def rounds_header(
+    m: Measurements, rounds: list[dict[str, RouteRun]] | None = None
+) -> tuple[str, ...]:
+    rounds = m.route_rounds if rounds is None else rounds
+    targets = list(rounds[0]) if rounds else []
     return ("round", *(f"{t} req/s, CPU/request" for t in targets))
 
 
-def rounds_rows(m: Measurements) -> list[tuple[str, ...]]:
+def rounds_rows(
+    m: Measurements, rounds: list[dict[str, RouteRun]] | None = None
+) -> list[tuple[str, ...]]:
     """Every round, so the noise the medians hide can be seen."""
     return [
         (
@@ -245,7 +281,7 @@ def rounds_rows(m: Measurements) -> list[tuple[str, ...]]:
                 for r in runs.values()
             ),
         )
-        for n, runs in enumerate(m.route_rounds, 1)
+        for n, runs in enumerate(m.route_rounds if rounds is None else rounds, 1)
     ]
 
 
@@ -280,6 +316,10 @@ def text(m: Measurements) -> str:
     if m.route_rounds:
         lines += [*_text_table(ROUTES_HEADER, routes_rows(m), left=1), ""]
         lines += [*_text_table(rounds_header(m), rounds_rows(m), left=1), ""]
+    if m.metrics_rounds:
+        mr = m.metrics_rounds
+        lines += [*_text_table(METRICS_HEADER, routes_rows(m, mr), left=1), ""]
+        lines += [*_text_table(rounds_header(m, mr), rounds_rows(m, mr), left=1), ""]
     lines += [*_rss_lines(m), ""]
     lines += ["Goals:", *(f"  {c.line()}" for c in checks(m))]
     return "\n".join(lines)
@@ -310,6 +350,16 @@ def markdown(m: Measurements, *, command: str, date: str, machine: str) -> str:
             *_md_table(ROUTES_HEADER, routes_rows(m), left=1),
             "",
             *_md_table(rounds_header(m), rounds_rows(m), left=1),
+            "",
+        ]
+    if m.metrics_rounds:
+        mr = m.metrics_rounds
+        lines += [
+            f"Metrics: median of {len(mr)} rounds; ratios to metrics off.",
+            "",
+            *_md_table(METRICS_HEADER, routes_rows(m, mr), left=1),
+            "",
+            *_md_table(rounds_header(m, mr), rounds_rows(m, mr), left=1),
             "",
         ]
     lines += [

@@ -2,7 +2,7 @@
 
     python bench/run.py [--duration 10] [--connections 64] [--threads 1] [--workers 1]
                         [--warmup 2] [--out docs-snippet.md] [--skip-portico] [--health-checks]
-                        [--routes] [--route-rounds 3]
+                        [--routes] [--route-rounds 3] [--metrics]
 
 Layout on a 2-core machine: each proxy on core 0; wrk and the backend on core 1. For each body
 size (100 B, 1 MiB) wrk hits the backend directly, Portico and the nginx proxy, after a short
@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+import metrics
 import nginx
 import procs
 import report
@@ -86,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --routes: rounds over the three cases; each case's median round is kept",
     )
     p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also measure the small body with metrics off and on (an [admin] section, "
+        "/metrics scraped every second), loaded together in --route-rounds rounds",
+    )
+    p.add_argument(
         "--rate-limit",
         choices=["local", "redis"],
         help="run Portico from a config file with a rate limit every request passes "
@@ -94,8 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.route_rounds < 1:
         p.error("--route-rounds must be >= 1")
-    if args.routes and args.skip_portico:
-        p.error("--routes measures Portico: drop --skip-portico")
+    if (args.routes or args.metrics) and args.skip_portico:
+        p.error("--routes and --metrics measure Portico: drop --skip-portico")
     if args.duration < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--duration and --threads must be >= 1, --warmup >= 0")
     if args.connections < args.threads:
@@ -365,7 +372,16 @@ def measure(
                 f"p99 {report.fmt_ms(result.p99_ms)}, {result.errors} errors"
             )
 
-    route_rounds = measure_routes(args, tmp, backend_port, up, services) if args.routes else []
+    route_rounds = (
+        measure_routes(args, tmp, backend_port, up, services, routes.cases()) if args.routes else []
+    )
+    metrics_rounds: list[dict[str, report.RouteRun]] = []
+    if args.metrics:
+        admin_ports = (procs.free_port(), procs.free_port())
+        scrape = {metrics.ON: f"http://127.0.0.1:{admin_ports[1]}/metrics"}
+        metrics_rounds = measure_routes(
+            args, tmp, backend_port, up, services, metrics.cases(admin_ports), scrape
+        )
 
     # Anything logged (nginx at level warn, e.g. "buffered to a temporary file") deserves a look.
     for service in services:
@@ -376,12 +392,12 @@ def measure(
     if portico is not None:
         rss[report.PORTICO] = procs.rss_bytes(portico.pid)
     for service in services:
-        if route_rounds and service.name in route_rounds[0]:
+        if any(rounds and service.name in rounds[0] for rounds in (route_rounds, metrics_rounds)):
             rss[service.name] = procs.rss_bytes(service.pid)
     sizes = {
         target: compressed_size(port, nginx.JSON_PATH) for target, port in static_targets.items()
     }
-    return report.Measurements(results, rss, route_rounds, sizes)
+    return report.Measurements(results, rss, route_rounds, sizes, metrics_rounds)
 
 
 def measure_routes(
@@ -390,13 +406,15 @@ def measure_routes(
     backend_port: int,
     up: Callable[[procs.Service, int, dict[str, int], str | None], procs.Service],
     services: list[procs.Service],
+    cases: list[routes.RouteCase],
+    scrape: dict[str, str] | None = None,
 ) -> list[dict[str, report.RouteRun]]:
-    """The small body through one Portico per route table. The three are loaded at the same
-    time (one wrk each), sharing core 0, so whatever else the machine runs slows all three
-    alike and their ratios hold; rounds give medians."""
+    """The small body through one Portico per case (route tables, metrics off/on). They are
+    loaded at the same time (one wrk each), sharing core 0, so whatever else the machine runs
+    slows them all alike and their ratios hold; rounds give medians. ``scrape``: target ->
+    a /metrics URL scraped every second while that target is measured."""
     ports: dict[str, int] = {}
     pids: dict[str, int] = {}
-    cases = routes.cases()
     for case in cases:
         port = ports[case.target] = procs.free_port()
         config_path = tmp / f"{case.target}.toml"
@@ -412,11 +430,16 @@ def measure_routes(
     loads = [wrk.Load(f"http://127.0.0.1:{ports[c.target]}{c.path}", c.host) for c in cases]
     for n in range(1, args.route_rounds + 1):
         if args.warmup:
-            progress(f"route tables round {n}: warm-up {args.warmup}s")
+            progress(f"{cases[0].target} and others, round {n}: warm-up {args.warmup}s")
             wrk.run_together(loads, duration_s=args.warmup, **load)
-        progress(f"route tables round {n}: measuring {args.duration}s")
+        progress(f"{cases[0].target} and others, round {n}: measuring {args.duration}s")
         cpu_before = {c.target: procs.cpu_seconds(pids[c.target]) for c in cases}
-        results = wrk.run_together(loads, duration_s=args.duration, **load)
+        with contextlib.ExitStack() as scraping:
+            scrapers = [scraping.enter_context(metrics.Scraper(u)) for u in (scrape or {}).values()]
+            results = wrk.run_together(loads, duration_s=args.duration, **load)
+        for scraper in scrapers:
+            if scraper.problem or scraper.scrapes < args.duration - 1:
+                raise RuntimeError(scraper.problem or f"only {scraper.scrapes} scrapes")
         this_round = {
             c.target: report.RouteRun(
                 result, procs.cpu_seconds(pids[c.target]) - cpu_before[c.target]
@@ -461,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         print("missing prerequisites: " + "; ".join(problems), file=sys.stderr)
         print(f"install with: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    command = "serve" if args.health_checks or args.routes else "proxy"
+    command = "serve" if args.health_checks or args.routes or args.metrics else "proxy"
     if not args.skip_portico and (problem := portico_cli_problem(command)):
         print(f"Portico CLI unavailable:\n{problem}", file=sys.stderr)
         print("rerun with --skip-portico to measure direct and nginx only", file=sys.stderr)

@@ -59,6 +59,17 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble curl openssl >/dev/null; } \
     || echo "could not install pebble curl openssl: ACME/TLS tool tests will skip" >&2
 fi
+# The metrics tests (tests/unit/test_metrics.py, tests/integration/test_metrics.py) check every
+# exposition with promtool, from the Debian package prometheus. As root with apt-get, install
+# it when missing; if that fails the promtool checks skip.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && ! command -v promtool >/dev/null 2>&1; then
+  echo "installing prometheus (promtool) for the metrics tests" >&2
+  { apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+       >/dev/null; } \
+    || echo "could not install prometheus: the promtool checks will skip" >&2
+fi
 # Debian and Ubuntu ship Python without venv's ensurepip (package python3-venv).
 if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -51,10 +51,16 @@ _ACCESS_LOG_CHOICES = ", ".join(get_args(AccessLog.model_fields["format"].annota
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="portico")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks of failures.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Portico's own log lines: text, or one JSON object per line. [default: text]",
+)
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, log_format: str | None) -> None:
     """Portico: an HTTP reverse proxy and load balancer."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "log_format": log_format}
 
 
 @main.command()
@@ -413,6 +419,130 @@ def stop(
     click.echo(f"process {master.pid} stopped")
 
 
+def _admin_options(f: Callable[..., None]) -> Callable[..., None]:
+    """Where the admin API is: -c FILE (its [admin] table), or --admin/--unix-socket."""
+    f = click.option(
+        "--token",
+        envvar="PORTICO_ADMIN_TOKEN",
+        default=None,
+        help="Bearer token, needed when admin.read = token. [env: PORTICO_ADMIN_TOKEN]",
+    )(f)
+    f = click.option("--unix-socket", default=None, metavar="PATH", help="Admin Unix socket.")(f)
+    f = click.option(
+        "--admin",
+        "admin_url",
+        envvar="PORTICO_ADMIN",
+        default=None,
+        metavar="URL",
+        help="Admin listener. [default: http://127.0.0.1:9901; env: PORTICO_ADMIN]",
+    )(f)
+    return click.option(
+        "-c", "--config", "config_file", default=None, metavar="FILE",
+        help="Config whose [admin] table says where the admin API is.",
+    )(f)  # fmt: skip
+
+
+def _admin_target(
+    ctx: click.Context,
+    config_file: str | None,
+    admin_url: str | None,
+    unix_socket: str | None,
+    token: str | None,
+) -> Any:
+    from portico.admin.console import Target
+
+    target = Target()
+    if config_file is not None:
+        try:
+            config = load_file(config_file)
+        except ConfigError as e:
+            _echo_problems(e, err=True)
+            ctx.exit(EXIT_CONFIG_REFUSED)
+        if config.admin is None:
+            _fail(ctx, f"{config_file} has no [admin] table")
+        if config.admin.listen:
+            target.url = f"http://{config.admin.listen}"
+        target.unix_socket = config.admin.unix_socket
+        target.token = config.admin.token
+    if admin_url is not None:
+        target.url, target.unix_socket = admin_url, None
+    if unix_socket is not None:
+        target.unix_socket = unix_socket
+    if token is not None:
+        target.token = token
+    return target
+
+
+@main.command()
+@_admin_options
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead of tables.")
+@click.pass_context
+def status(
+    ctx: click.Context,
+    config_file: str | None,
+    admin_url: str | None,
+    unix_socket: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Print the fleet (endpoints, apps, instances, recent events) from the admin API."""
+    import json
+
+    from portico.admin.console import AdminUnreachable, poll, render
+
+    target = _admin_target(ctx, config_file, admin_url, unix_socket, token)
+    try:
+        now = poll(target)
+    except AdminUnreachable as exc:
+        _fail(ctx, f"cannot read the admin API at {exc}")
+    if as_json:
+        data = {"status": now.status, "upstreams": now.upstreams, "apps": now.apps,
+                "events": now.events}  # fmt: skip
+        click.echo(json.dumps(data, indent=2))
+        return
+    for line in render(now):
+        click.echo(line)
+
+
+@main.command()
+@_admin_options
+@click.option("--interval", type=float, default=1.0, metavar="S", help="Seconds between updates.")
+@click.option("--count", type=int, default=None, metavar="N", help="Stop after N updates.")
+@click.pass_context
+def top(
+    ctx: click.Context,
+    config_file: str | None,
+    admin_url: str | None,
+    unix_socket: str | None,
+    token: str | None,
+    interval: float,
+    count: int | None,
+) -> None:
+    """Show the fleet live, with req/s per endpoint, until Ctrl-C (or --count updates)."""
+    import sys
+    import time
+
+    from portico.admin.console import AdminUnreachable, poll, render
+
+    target = _admin_target(ctx, config_file, admin_url, unix_socket, token)
+    before = None
+    shown = 0
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while count is None or shown < count:
+            try:
+                now = poll(target, events=8)
+            except AdminUnreachable as exc:
+                _fail(ctx, f"cannot read the admin API at {exc}")
+            click.echo(clear + "\n".join(render(now, before, rates=True)) + ("" if clear else "\n"))
+            before = now
+            shown += 1
+            if count is None or shown < count:
+                time.sleep(max(0.1, interval))
+    except KeyboardInterrupt:
+        pass
+
+
 def _find_master(
     ctx: click.Context, pid: int | None, pid_file: str | None, config_file: str | None
 ) -> Master:
@@ -488,6 +618,11 @@ def summarize(config: Config, source: str) -> list[str]:
             selector = ", ".join(f"{k}={v}" for k, v in upstream.discover.selector().items())
             backends = f"containers with {selector}"
         lines.append(f"  {name} ({upstream.balancer}): {backends or 'no backends'}")
+    if config.admin is not None:
+        where = [f"http://{config.admin.listen}"] if config.admin.listen else []
+        where += [f"unix:{config.admin.unix_socket}"] if config.admin.unix_socket else []
+        guard = "actions need a token" if config.admin.all_tokens() else "actions: socket only"
+        lines.append(f"admin: {', '.join(where)} ({guard})")
     lines.append("routes:")
     if config.routes:
         lines.extend(f"  {describe(r)}" for r in config.routes)
@@ -505,13 +640,13 @@ def _echo_problems(error: ConfigError, *, err: bool = False) -> None:
 def _run(config: Config, source: ConfigSource | None = None) -> int:
     # Imported here, not at the top: loading the data plane (uvloop, httptools, sockets) is
     # only needed by the commands that serve, and `check` must work without it.
-    import logging
-
+    from portico.control import logformat
     from portico.control.envcheck import check_environment
-    from portico.gateway import LOG_FORMAT, serve
+    from portico.gateway import serve
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    debug = bool((click.get_current_context().obj or {}).get("debug"))
+    options = click.get_current_context().obj or {}
+    logformat.configure(options.get("log_format"))
+    debug = bool(options.get("debug"))
     if problems := check_environment(config):
         for path, reason in problems:
             click.echo(f"portico: cannot start: {path}: {reason}", err=True)

@@ -26,9 +26,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+from portico.admin.api import Api
+from portico.admin.server import AdminServer
+from portico.config.admin import is_loopback
 from portico.config.load import load_file
 from portico.config.model import Config
-from portico.control import pidfile
+from portico.control import logformat, pidfile
 from portico.control.bus import STATS_EVERY, MasterBus, follow_master
 from portico.control.health import apply_state, end_ejection, log_transition, release_unchecked
 from portico.control.orchestrator import Orchestrator
@@ -40,15 +43,24 @@ from portico.dataplane.context import ClientSettings, ProxyContext
 from portico.dataplane.exchange import HandlerFactory
 from portico.dataplane.listener import bind_socket, listen_queue_warning
 from portico.dataplane.local import LocalExchange
+from portico.dataplane.metrics import (
+    MetricTotals,
+    RequestMetrics,
+    fold_local,
+    metrics_enabled,
+    report_message,
+)
 from portico.dataplane.proxy import ProxyExchange
 from portico.dataplane.sharedmem import SharedTables, traffic_stores
 from portico.dataplane.static import static_handler
 from portico.errors import ConfigError, StartupError
 from portico.policy.health import Transition
 from portico.runtime.endpoint import Endpoint
+from portico.runtime.membership import steer
 from portico.runtime.routes import KIND_PROXY, KIND_STATIC
 from portico.runtime.snapshot import Snapshot, compile_config
 from portico.runtime.stageorder import stage_order
+from portico.runtime.status import StatusProviders
 from portico.runtime.traffic import connection_limits
 from portico.runtime.waf import WafRulesError
 
@@ -161,13 +173,30 @@ def prepare_reload(current: Config, new: Config) -> tuple[Config, ReloadResult]:
     for i, (t, was) in enumerate(zip(new.tls, current.tls, strict=False)):
         if not t.ticket_secret and was.listen == t.listen:
             tls[i] = t.model_copy(update={"ticket_secret": was.ticket_secret})
+    admin = new.admin
+    if (admin is None) != (current.admin is None):
+        restart.append("admin")  # the listener is bound (or not) at start only
+        admin = current.admin
+    elif admin is not None and current.admin is not None:
+        # Its addresses are bound once, like server.listen: keep the running ones.
+        for key in ("listen", "unix_socket"):
+            if getattr(admin, key) != getattr(current.admin, key):
+                restart.append(f"admin.{key}")
+        running = {k: getattr(current.admin, k) for k in ("listen", "unix_socket")}
+        admin = admin.model_copy(update=running)
+        if admin.listen and not is_loopback(admin.listen) and not admin.all_tokens():
+            why = f"the running admin listener on {admin.listen} is not loopback-only: keep a token"
+            return current, ReloadResult(False, problems=[("admin.token", why)])
     config = with_secrets(
-        new.model_copy(update={
-            "server": server,
-            "upstreams": upstreams,
-            "tls": tls,
-            "kubernetes": current.kubernetes,
-        })
+        new.model_copy(
+            update={
+                "server": server,
+                "upstreams": upstreams,
+                "tls": tls,
+                "kubernetes": current.kubernetes,
+                "admin": admin,
+            }
+        )
     )
     changed = [
         name for name in Config.model_fields if getattr(config, name) != getattr(current, name)
@@ -212,6 +241,8 @@ class Serving:
         )
         if snapshot.traffic is not None:
             self.ctx.conn_limits = connection_limits(config.traffic, snapshot.traffic)
+        if metrics_enabled(config):
+            self.ctx.metrics = RequestMetrics()
         self.servers: list[asyncio.Server] = []
         self._flusher: asyncio.TimerHandle | None = None
         self.tls: TlsListeners | None = None
@@ -255,6 +286,11 @@ class Serving:
             old_log.close()
         if self.tls is not None:
             self.tls.apply(config)
+        # Metrics follow the admin section; counters kept while they stay on.
+        if not metrics_enabled(config):
+            ctx.metrics = None
+        elif ctx.metrics is None:
+            ctx.metrics = RequestMetrics()
         self.config = config
 
     async def stop(self, grace: float, immediate: asyncio.Event) -> None:
@@ -342,6 +378,11 @@ class Gateway:
         self.certs: CertManager | None = None  # automatic certificates (control.acme)
         # Challenge answers being served now, replayed to a worker that starts meanwhile.
         self.tls_pending: dict[tuple[str, str], tuple[Any, ...]] = {}
+        # Admin API (admin.fleet.Fleet): other features add their status here by name.
+        self.status = StatusProviders()
+        self.started_at = time.time()
+        self.admin: AdminServer | None = None
+        self._metrics = MetricTotals()  # one process: the scrape folds the counters in here
 
     def snapshot(self) -> Snapshot:
         if self.serving is not None:
@@ -357,6 +398,7 @@ class Gateway:
             self.control = Control(config, self.snapshot, self._on_transition, self._on_pass)
         else:
             self._snapshot = compile_config(config)
+            await self._start_admin()  # before the workers: a busy port fails on its own
             # Two reports: the draining flag reaches the workers, their counts come back.
             self.control = Control(
                 config, self.snapshot, self._on_transition, self._on_pass, 3 * STATS_EVERY
@@ -369,6 +411,8 @@ class Gateway:
 
             self.certs = CertManager(config, self._publish_tls)
             self.certs.start()
+        if self.admin is None:
+            await self._start_admin()
         if self._reload_pending:
             self.reload_from_source()
 
@@ -387,6 +431,10 @@ class Gateway:
 
     def _on_transition(self, upstream: str, ep: Endpoint, transition: Transition) -> None:
         log_transition(upstream, ep, transition)
+        if self.control is not None:
+            self.control.orchestrator.events.add(
+                upstream, "health", f"{ep.label} {transition.reason}"
+            )
         apply_state(self.snapshot(), upstream, ep.label, transition.healthy, transition.at)
         if self.master is not None:
             self.master.bus.publish(("health", upstream, ep.label, transition.healthy))
@@ -406,6 +454,8 @@ class Gateway:
         on the config they started with, and keep-alive connections stay open.
         """
         config, result = prepare_reload(self.config, new)
+        if not result.applied:
+            return result
         if problems := stage_order(config):  # a route would let requests past auth
             return ReloadResult(False, problems=problems)
         previous = self.snapshot()
@@ -423,6 +473,9 @@ class Gateway:
         self.config = config
         assert self.control is not None
         self.control.apply(config, previous)
+        self.control.orchestrator.events.add(
+            "config", "reload", f"reloaded: {', '.join(result.changed) or 'nothing changed'}"
+        )
         if self.master is not None:
             self.master.send_config(config)
         return result
@@ -448,10 +501,68 @@ class Gateway:
         """Ask for ``n`` instances of app ``upstream`` (clamped to its min and max)."""
         return self.control is not None and self.control.scale(upstream, n)
 
+    # --- admin.metrics.MetricsSource ------------------------------------------------------
+
+    def metric_totals(self) -> MetricTotals:
+        """Request counters summed over every worker (and gauges of the live ones)."""
+        if self.master is not None:
+            return self.master.bus.metrics
+        if self.serving is not None:
+            fold_local(self._metrics, self.serving.ctx)
+        return self._metrics
+
+    def orchestrator(self) -> Orchestrator | None:
+        """The apps and their supervisors (None before start)."""
+        return self.control.orchestrator if self.control is not None else None
+
+    async def _start_admin(self) -> None:
+        # In the master with workers: it holds the control plane and the summed counters.
+        admin = self.config.admin
+        if admin is not None:
+            api = Api(self)
+            self.admin = AdminServer(api)
+            await self.admin.start(admin.listen, admin.unix_socket)
+            self.admin.background(api.watch())
+
+    # --- admin.fleet.Fleet ------------------------------------------------------------------
+
+    def load_source(self) -> Config | None:
+        """The config file read again (raises ConfigError), or None without a file."""
+        return self.source.load() if self.source is not None else None
+
+    def source_path(self) -> str | None:
+        return self.source.path if self.source is not None else None
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.master.procs if p.pid] if self.master is not None else []
+
+    def ejections(self) -> dict[tuple[str, str], int]:
+        """(upstream, endpoint) -> processes whose outlier detection ejects it now."""
+        if self.master is not None:
+            return self.master.bus.ejections
+        return {
+            (name, ep.label): 1
+            for name, service in self.snapshot().services.items()
+            for ep in service.endpoints
+            if ep.ejected
+        }
+
+    def set_endpoint(
+        self, upstream: str, label: str, *, draining: bool | None, weight: int | None
+    ) -> None:
+        """An operator's drain/undrain/weight: here, then in every worker over the bus."""
+        service = self.snapshot().services.get(upstream)
+        if service is not None:
+            steer(service, label, draining, weight)
+        if self.master is not None:
+            self.master.bus.publish(("endpoint", upstream, label, draining, weight))
+
     async def stop(self, immediate: asyncio.Event | None = None) -> None:
         """Drain clients (or the workers), then stop the control plane's apps. Setting
         ``immediate`` (a second Ctrl-C) cuts every wait short; instances are still stopped."""
         immediate = immediate or asyncio.Event()
+        if self.admin is not None:
+            await self.admin.stop()
         assert self.control is not None
         if self.certs is not None:
             self.certs.stop()
@@ -517,11 +628,21 @@ async def run_dataplane(
 
     on_tls = serving.tls.on_message if serving.tls is not None else None
     stop_bus = follow_master(
-        state_pipe, loop, lambda: serving.ctx.snapshot, managed, on_config, on_tls
+        state_pipe,
+        loop,
+        lambda: serving.ctx.snapshot,
+        managed,
+        on_config,
+        on_other=on_tls,
+        metrics_report=lambda: report_message(serving.ctx),
     )
     await signals.graceful.wait()
     stop_bus()
     await serving.stop(serving.config.server.shutdown_grace, signals.immediate)
+    if (last := report_message(serving.ctx)) is not None:
+        # What the drained connections counted since the last report: not one is lost.
+        with contextlib.suppress(OSError, ValueError):
+            state_pipe.send(last)
     return 0
 
 
@@ -587,7 +708,7 @@ def _worker_entry(
     """Entry point of a spawned worker process."""
     _die_with_parent()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's handler is in place
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logformat.configure()  # the master's format, from the environment it passed down
     config = Config.model_validate(config_data)
     raise SystemExit(
         run_worker(config, reuse_port=True, source=source, state_pipe=state_pipe, shared=shared)

@@ -767,7 +767,13 @@ def test_access_log_has_one_line_per_request(
             assert (record["referer"], record["user_agent"]) == (referer, agent)
             assert record["duration_ms"] >= 0
             assert abs(record["time"] - time.time()) < 30
-        assert [r["upstream"] for r in records] == [f"127.0.0.1:{backend.port}"] * 2 + [None]
+        assert [r["endpoint"] for r in records] == [f"127.0.0.1:{backend.port}"] * 2 + [None]
+        assert [r["upstream"] for r in records] == ["app", "app", None]
+        assert [r["route"] for r in records] == [records[0]["route"]] * 2 + [None]
+        assert [r["tries"] for r in records] == [1, 1, 0]
+        assert [r["bytes_received"] for r in records] == [0, 5, 0]
+        assert all(r["upstream_header_ms"] >= 0 for r in records[:2])
+        assert records[2]["upstream_header_ms"] is None
         return
     tail = [' "http://ref.example/p" "agent/1.0"', ' "-" "-"', ' "-" "-"']
     expected_lines = [

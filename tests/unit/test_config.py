@@ -210,7 +210,7 @@ def test_bad_sizes(size: str, reason: str) -> None:
                 "bogus",
                 "unknown key (expected one of: server, forwarding, access_log, upstreams, routes, "
                 "request_id, rate_limit, concurrency, ip_allow, ip_deny, redis, traffic, tls, "
-                "https_redirect, hsts, kubernetes)",
+                "https_redirect, hsts, kubernetes, admin)",
             ),
         ),
         (

@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from portico.config.admin import Admin
 from portico.config.apps import App, Autoscale, Discover, DockerRun
 from portico.config.kube import KubeEndpoints, Kubernetes
 from portico.config.routes import RequestId, Route
@@ -354,6 +355,7 @@ class Config(Strict):
     kubernetes: Kubernetes = Field(
         default_factory=Kubernetes, description="reaching the cluster, leader election"
     )
+    admin: Admin | None = Field(None, description="admin listener: API, dashboard, metrics")
 
     @field_validator("request_id", mode="before")
     @classmethod

@@ -72,6 +72,8 @@ class Autoscaler:
         self._last_requests = 0
         self._last_busy: float | None = None
         self._started = 0.0
+        # Until this loop time the count is an operator's (admin API scale with a hold).
+        self.hold_until: float | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -131,6 +133,8 @@ class Autoscaler:
         """Decide from one sample; apply only when ``act`` (this Portico leads). A follower
         still feeds the scaler, so a new leader decides from a full window, not one sample."""
         sup = self.supervisor
+        if self.hold_until is not None and now < self.hold_until:
+            return
         current = sup.counted_count()
         spec = sup.spec
         if (

@@ -10,14 +10,19 @@ master -> worker
     the master manages (apps, discovery), sent whenever it changes.
     ``("pass", upstream, label)``: an active check passed; ends the endpoint's outlier
     ejection in a worker that ejected it (ejections are per worker, like their traffic).
+    ``("endpoint", upstream, label, draining, weight)``: an operator drained, undrained or
+    re-weighted an endpoint (admin API); ``None`` leaves a value as it is.
     ``("config", data)``: a reload. The master validated the new config, filled in its
     secrets and compiled it; ``data`` is its JSON dump, which the worker validates back into
     a ``Config`` (it cannot fail) and compiles against its own snapshot.
 worker -> master
-    ``("stats", {upstream: {label: (in_flight, requests)}}, {upstream: [latency, ...]})``:
-    every ``STATS_EVERY`` seconds, for managed upstreams, so the master's draining and
-    autoscaling see the load of all workers (summed).
+    ``("stats", {upstream: {label: (in_flight, requests, ejected)}}, {upstream: [latency]})``:
+    every ``STATS_EVERY`` seconds, so the master's draining and autoscaling (and the admin
+    API) see the load of all workers (summed); latencies for managed upstreams only.
     ``("demand", upstream)``: a request found no instance (scale from zero).
+    ``("metrics", delta, gauges)``: when metrics are on, every ``STATS_EVERY`` seconds: the
+    request counters since the last report (the master adds them up) and the worker's
+    current gauges (``dataplane.metrics``).
 
 Endpoints are matched by address on both sides, so a worker's in-flight counters survive
 every change of the set.
@@ -34,6 +39,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from portico.control.health import apply_state, end_ejection
+from portico.dataplane.metrics import MetricTotals
 from portico.runtime import membership
 from portico.runtime.snapshot import Snapshot
 
@@ -64,11 +70,14 @@ class MasterBus:
         self._snapshot_of = snapshot_of
         self._on_demand = on_demand
         self._pipes: dict[int, Connection] = {}
-        self._stats: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
+        self._stats: dict[int, dict[str, dict[str, tuple[int, int, bool]]]] = {}
         self._published: dict[str, list[membership.EndpointRow]] = {}
         self._starting: dict[str, int] = {}
         self._unavailable: dict[str, str | None] = {}
         self.managed: set[str] = set()  # upstreams whose endpoints the master owns
+        # (upstream, label) -> workers whose outlier detection ejects it now (admin API).
+        self.ejections: dict[tuple[str, str], int] = {}
+        self.metrics = MetricTotals()  # the workers' request counters, summed
 
     def add(self, key: int, pipe: Connection) -> None:
         self._pipes[key] = pipe
@@ -83,12 +92,16 @@ class MasterBus:
             for ep in service.endpoints:
                 if not ep.up:
                     self._send(key, ("health", name, ep.label, False))
+                # An operator's drain and weight (admin API); managed rows carry draining.
+                draining = None if name in self.managed else ep.draining
+                self._send(key, ("endpoint", name, ep.label, draining, ep.weight))
         asyncio.get_running_loop().add_reader(pipe.fileno(), self._readable, key)
         _blocking_again(pipe)
 
     def remove(self, key: int) -> None:
         pipe = self._pipes.pop(key, None)
         self._stats.pop(key, None)
+        self.metrics.drop_worker(key)
         if pipe is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(pipe.fileno())
@@ -145,25 +158,30 @@ class MasterBus:
                     self._fold_stats()
                 elif message[0] == "demand":
                     self._on_demand(message[1])
+                elif message[0] == "metrics":
+                    self.metrics.add(message[1])
+                    self.metrics.set_gauges(key, message[2])
         except (EOFError, OSError):
             self.remove(key)
 
     def _fold_stats(self) -> None:
         """The master's endpoints carry the sum of every worker's counters."""
         snapshot = self._snapshot_of()
-        for name in self.managed:
-            service = snapshot.services.get(name)
-            if service is None:
-                continue
+        ejections: dict[tuple[str, str], int] = {}
+        for name, service in snapshot.services.items():
             for ep in service.endpoints:
-                in_flight = requests = 0
+                in_flight = requests = ejected = 0
                 for stats in self._stats.values():
                     row = stats.get(name, {}).get(ep.label)
                     if row is not None:
                         in_flight += row[0]
                         requests += row[1]
+                        ejected += row[2]
                 ep.in_flight = in_flight
                 ep.requests = max(ep.requests, requests)
+                if ejected:
+                    ejections[(name, ep.label)] = ejected
+        self.ejections = ejections
 
     def _add_latencies(self, latencies: dict[str, list[float]]) -> None:
         snapshot = self._snapshot_of()
@@ -184,11 +202,13 @@ def follow_master(
     managed: set[str],
     on_config: Callable[[dict[str, Any]], None],
     on_other: Callable[[tuple[Any, ...]], None] | None = None,
+    metrics_report: Callable[[], tuple[Any, ...] | None] | None = None,
 ) -> Callable[[], None]:
     """Worker side: apply what the master sends, report load, forward demand.
 
-    ``managed`` is read on every report, so ``on_config`` may update it in place. Returns a
-    function that stops the periodic report.
+    ``managed`` is read on every report, so ``on_config`` may update it in place.
+    ``metrics_report`` gives the ``("metrics", ...)`` message to send, or None (metrics off).
+    Returns a function that stops the periodic report.
     """
 
     def send(message: tuple[Any, ...]) -> None:
@@ -209,6 +229,10 @@ def follow_master(
                         membership.sync(service, message[2], loop.time())
                 elif message[0] == "pass":
                     end_ejection(snapshot, message[1], message[2], loop.time())
+                elif message[0] == "endpoint":
+                    service = snapshot.services.get(message[1])
+                    if service is not None:
+                        membership.steer(service, *message[2:])
                 elif message[0] == "config":
                     on_config(message[1])
                 elif message[0] == "starting":
@@ -238,18 +262,19 @@ def follow_master(
         nonlocal timer
         install_demand()  # a reload builds new services; keep them wired
         snapshot = snapshot_of()
-        stats: dict[str, dict[str, tuple[int, int]]] = {}
+        stats: dict[str, dict[str, tuple[int, int, bool]]] = {}
         latencies: dict[str, list[float]] = {}
-        for name in managed:
-            service = snapshot.services.get(name)
-            if service is None:
-                continue
-            stats[name] = {ep.label: (ep.in_flight, ep.requests) for ep in service.endpoints}
-            if service.latencies:
+        for name, service in snapshot.services.items():
+            stats[name] = {
+                ep.label: (ep.in_flight, ep.requests, ep.ejected) for ep in service.endpoints
+            }
+            if name in managed and service.latencies:
                 latencies[name] = list(service.latencies)
                 service.latencies.clear()
-        if managed:
+        if stats:
             send(("stats", stats, latencies))
+        if metrics_report is not None and (message := metrics_report()) is not None:
+            send(message)
         timer = loop.call_later(STATS_EVERY, report)
 
     loop.add_reader(pipe.fileno(), readable)

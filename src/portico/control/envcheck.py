@@ -48,6 +48,11 @@ def check_environment(config: Config, *, strict: bool = False) -> list[tuple[str
                 bind_socket(address, reuse_port=False, backlog=1).close()
             except StartupError as exc:
                 problems.append((key, str(exc)))
+        if config.admin is not None and config.admin.listen:
+            try:
+                bind_socket(config.admin.listen, reuse_port=False, backlog=1).close()
+            except StartupError as exc:
+                problems.append(("admin.listen", str(exc)))
     return problems
 
 

@@ -254,14 +254,16 @@ class Orchestrator:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def rolling_restart(self) -> None:
-        """Replace every instance of every app, one at a time per app."""
+    def rolling_restart(self, only: str | None = None) -> None:
+        """Replace every instance of every app (or of app ``only``), one at a time per app."""
         loop = asyncio.get_running_loop()
-        restarting: list[Supervisor | DeploymentFleet] = [
-            *self.supervisors.values(),
-            *self.fleets.values(),
+        restarting: list[tuple[str, Supervisor | DeploymentFleet]] = [
+            *self.supervisors.items(),
+            *self.fleets.items(),
         ]
-        for sup in restarting:
+        for name, sup in restarting:
+            if only is not None and name != only:
+                continue
             task = loop.create_task(sup.rolling_restart())
             self._restarts.add(task)
             task.add_done_callback(self._restarts.discard)

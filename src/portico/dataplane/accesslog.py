@@ -13,7 +13,7 @@ import sys
 import time
 from typing import BinaryIO
 
-from portico.codec.events import RequestHead
+from portico.runtime.request import RequestState
 
 # Big enough to batch a second of traffic at moderate rates, small enough to lose little
 # if the process is killed.
@@ -36,60 +36,9 @@ class AccessLog:
             self._out = open(path, "ab", buffering=BUFFER_BYTES)  # noqa: SIM115 - lives with us
             self._owned = True
 
-    def log(
-        self,
-        client: str,
-        method: bytes,
-        target: bytes,
-        version: bytes,
-        status: int,
-        sent: int,
-        referer: bytes | None,
-        user_agent: bytes | None,
-        duration: float,
-        upstream: str | None,
-        request_id: bytes | None = None,
-    ) -> None:
-        now = time.time()
-        request = f"{method.decode('latin-1')} {target.decode('latin-1')} HTTP/{version.decode()}"
-        if self._fmt == "json":
-            line = json.dumps(
-                {
-                    "time": now,
-                    "client": client,
-                    "request": request,
-                    "method": method.decode("latin-1"),
-                    "target": target.decode("latin-1"),
-                    "status": status,
-                    "bytes": sent,
-                    "referer": referer.decode("latin-1") if referer else None,
-                    "user_agent": user_agent.decode("latin-1") if user_agent else None,
-                    "duration_ms": round(duration * 1000, 3),
-                    "upstream": upstream,
-                    "request_id": request_id.decode("latin-1") if request_id else None,
-                }
-            )
-        else:
-            line = f'{client} - - [{_clf_time(now)}] "{request}" {status} {sent}'
-            if self._fmt == "combined":
-                ref = referer.decode("latin-1") if referer else "-"
-                ua = user_agent.decode("latin-1") if user_agent else "-"
-                line += f' "{ref}" "{ua}"'
-            if request_id is not None:
-                line += f' "{request_id.decode("latin-1")}"'
-        self._out.write(line.encode("utf-8", "replace") + b"\n")
-
-    def log_request(
-        self,
-        client: str,
-        head: RequestHead,
-        status: int,
-        sent: int,
-        duration: float,
-        upstream: str | None,
-        request_id: bytes | None = None,
-    ) -> None:
-        """One line for a proxied request; Referer and User-Agent come from its head."""
+    def log_request(self, client: str, req: RequestState, duration: float) -> None:
+        """One line for a finished request; Referer and User-Agent come from its head."""
+        head = req.head
         referer = user_agent = None
         for name, value in head.headers:
             lname = name.lower()
@@ -97,19 +46,47 @@ class AccessLog:
                 referer = value
             elif lname == b"user-agent":
                 user_agent = value
-        self.log(
-            client,
-            head.method,
-            head.target,
-            head.version,
-            status,
-            sent,
-            referer,
-            user_agent,
-            duration,
-            upstream,
-            request_id,
-        )
+        now = time.time()
+        method, target = head.method.decode("latin-1"), head.target.decode("latin-1")
+        request = f"{method} {target} HTTP/{head.version.decode()}"
+        request_id = req.request_id
+        if self._fmt == "json":
+            route = req.route
+            up_time = req.upstream_time
+            line = json.dumps(
+                {
+                    "time": now,
+                    "client": client,
+                    "request": request,
+                    "method": method,
+                    "target": target,
+                    "status": req.status,
+                    "bytes": req.sent_bytes,
+                    "bytes_received": req.received_bytes,
+                    "referer": referer.decode("latin-1") if referer else None,
+                    "user_agent": user_agent.decode("latin-1") if user_agent else None,
+                    "duration_ms": round(duration * 1000, 3),
+                    "request_id": request_id.decode("latin-1") if request_id else None,
+                    "route": route.name if route is not None else None,
+                    "upstream": req.service,
+                    "endpoint": req.upstream,
+                    "tries": req.tries,
+                    # From sending the request upstream to the response head (last try).
+                    "upstream_header_ms": round(up_time * 1000, 3) if up_time is not None else None,
+                    "refused": req.refused,
+                }
+            )
+        else:
+            # The common and combined formats stay exactly what log tools parse; the
+            # request ID, when on, is the one field added (in quotes, at the end).
+            line = f'{client} - - [{_clf_time(now)}] "{request}" {req.status} {req.sent_bytes}'
+            if self._fmt == "combined":
+                ref = referer.decode("latin-1") if referer else "-"
+                ua = user_agent.decode("latin-1") if user_agent else "-"
+                line += f' "{ref}" "{ua}"'
+            if request_id is not None:
+                line += f' "{request_id.decode("latin-1")}"'
+        self._out.write(line.encode("utf-8", "replace") + b"\n")
 
     def flush(self) -> None:
         with contextlib.suppress(OSError, ValueError):

@@ -214,6 +214,7 @@ class ClientConnection(asyncio.Protocol):
                 elif t is Data:
                     q.popleft()
                     if not self._discard and self.exchange is not None:
+                        self.exchange.req.received_bytes += len(ev.data)  # type: ignore[union-attr]
                         self.exchange.on_request_data(ev.data)  # type: ignore[union-attr]
                 elif isinstance(ev, ProtocolError):
                     if self.exchange is not None or self._discard:

@@ -17,6 +17,7 @@ from portico.runtime.snapshot import Snapshot
 if TYPE_CHECKING:
     from portico.dataplane.accesslog import AccessLog
     from portico.dataplane.exchange import HandlerFactory, LocalFactory
+    from portico.dataplane.metrics import RequestMetrics
     from portico.runtime.traffic import ConnectionLimits
 
 
@@ -67,6 +68,7 @@ class ProxyContext:
         "handlers",
         "local",
         "loop",
+        "metrics",
         "pools",
         "settings",
         "snapshot",
@@ -94,3 +96,5 @@ class ProxyContext:
         self.closing = False
         # Connection caps (runtime.traffic), set by the gateway when configured.
         self.conn_limits: ConnectionLimits | None = None
+        # Request counters, when metrics are on (dataplane.metrics); None costs nothing.
+        self.metrics: RequestMetrics | None = None

@@ -11,7 +11,7 @@ handler kind needs no change to the connection:
   the client leaving, a timer firing).
 
 Every handler ends through ``finish``: the one place where a request's outcome is recorded
-(the access log now; metrics later).
+(the access log and the metrics).
 """
 
 from __future__ import annotations
@@ -110,13 +110,11 @@ def finish(conn: ClientSide, req: RequestState) -> None:
         for release in finishers:
             release()
     log = ctx.access_log
+    metrics = ctx.metrics
+    if log is None and metrics is None:
+        return
+    duration = ctx.loop.time() - req.started_at
+    if metrics is not None:
+        metrics.count(req, duration)
     if log is not None:
-        log.log_request(
-            conn.client.ip,
-            req.head,
-            req.status,
-            req.sent_bytes,
-            ctx.loop.time() - req.started_at,
-            req.upstream,
-            req.request_id,
-        )
+        log.log_request(conn.client.ip, req, duration)

@@ -72,6 +72,8 @@ class LocalExchange:
             req.status = self.error.status
         else:
             reply = self.reply
+            if reply is not None:
+                req.refused = reply.refusal
             route = self.route
             if reply is None and route is not None:
                 reply = route.reply if route.kind != KIND_REDIRECT else redirect_reply(route, req)

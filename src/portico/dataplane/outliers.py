@@ -23,6 +23,7 @@ def report(
     if ejection is None:
         return
     endpoint.ejected = True
+    service.ejections[endpoint.label] = service.ejections.get(endpoint.label, 0) + 1
     log.warning("%s %s %s", service.name, endpoint.label, ejection.reason)
     loop.call_at(ejection.until, _expire, service, loop)
 

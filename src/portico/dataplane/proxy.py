@@ -154,6 +154,7 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         assert target is not None
         self.target = target
         self.service = target.service  # type: ignore[assignment]
+        self.req.service = target.service.name  # type: ignore[attr-defined]
         # The deadline runs from the end of the request, as Envoy's route timeout does: a
         # long upload is bounded by the client body timeouts, not by the deadline.
         if self.head.framing == "none":
@@ -196,6 +197,7 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         self.endpoint = endpoint
         endpoint.in_flight += 1
         endpoint.requests += 1
+        req.tries = self._attempt
         self.head_bytes = forwarding.request_head(
             head,
             req.target,
@@ -264,10 +266,8 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
                 self._buffered = 0
             if self.request_done and head.framing == "chunked":
                 upstream.write(LAST_CHUNK)
-        service = self.service
-        assert service is not None
-        if service.measures_latency or service.latencies is not None:
-            self._sent_at = self.conn.ctx.loop.time()
+        # Always: the upstream time goes to the metrics and the access log as well.
+        self._sent_at = self.conn.ctx.loop.time()
         self._arm(U_HEADER, self._header_timeout())
 
     def _header_timeout(self) -> float:
@@ -381,13 +381,14 @@ class ProxyExchange(AttemptsMixin, TunnelMixin):
         endpoint = self.endpoint
         assert service is not None and endpoint is not None
         loop = conn.ctx.loop
+        now = loop.time()
+        up_time = self.req.upstream_time = now - self._sent_at
         if service.measures_latency:
-            now = loop.time()
-            record_latency(endpoint, now - self._sent_at, now)
+            record_latency(endpoint, up_time, now)
         if service.latencies is not None:
-            service.latencies.append(loop.time() - self._sent_at)
+            service.latencies.append(up_time)
         if service.shed_window is not None:
-            service.shed_window.add(loop.time() - self._sent_at)
+            service.shed_window.add(up_time)
         if status >= 500:
             outliers.report(service, endpoint, False, f"status {status}", loop)
             retry_on = self.target.retry.retry_on  # type: ignore[union-attr]

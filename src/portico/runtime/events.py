@@ -22,9 +22,13 @@ class Event:
 class EventLog:
     def __init__(self, size: int = MAX_EVENTS) -> None:
         self._events: deque[Event] = deque(maxlen=size)
+        # Every event ever added, by (source, kind): the metrics' restart and scale counters
+        # (the deque forgets; these must not go back).
+        self.counts: dict[tuple[str, str], int] = {}
 
     def add(self, source: str, kind: str, message: str) -> Event:
         event = Event(time.time(), source, kind, message)
+        self.counts[source, kind] = self.counts.get((source, kind), 0) + 1
         self._events.append(event)
         return event
 

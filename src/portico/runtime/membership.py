@@ -62,3 +62,20 @@ def sync(service: Service, wanted: list[EndpointRow], now: float) -> None:
     service.endpoints = endpoints
     if any(ep.available for ep in endpoints):
         wake_waiters(service)
+
+
+def steer(
+    service: Service, label: str, draining: bool | None, weight: int | None
+) -> Endpoint | None:
+    """An operator's change to one endpoint (admin API): drain or undrain it, set its weight.
+    ``None`` leaves a value as it is. Returns the endpoint, or None when it is not there."""
+    for ep in service.endpoints:
+        if ep.label == label:
+            if draining is not None:
+                ep.draining = draining
+            if weight is not None:
+                ep.weight = weight
+            if draining is False:
+                wake_waiters(service)
+            return ep
+    return None

@@ -45,16 +45,21 @@ class RequestState:
         "peer_ip",
         "peer_trusted",
         "query",
+        "received_bytes",
+        "refused",
         "request_id",
         "route",
         "scheme",
         "sent_bytes",
+        "service",
         "set_cookie",
         "started_at",
         "status",
         "target",
+        "tries",
         "trusts",
         "upstream",
+        "upstream_time",
         "waf",
     )
 
@@ -89,6 +94,14 @@ class RequestState:
         self.status = 0
         self.sent_bytes = 0
         self.upstream: str | None = None  # label of the endpoint that answered
+        # For metrics and the access log: the upstream's name, the tries made, the seconds
+        # from sending the request to the answer's head (last try), request body bytes read,
+        # and why a stage refused the request ("rate_limit", "shed"...).
+        self.service: str | None = None
+        self.tries = 0
+        self.upstream_time: float | None = None
+        self.received_bytes = 0
+        self.refused: str | None = None
         self.set_cookie: bytes | None = None  # a Set-Cookie value the handler wants sent
         self._client_ip: str | None = None
         # Traffic control: callbacks run once when the request finishes (a concurrency slot

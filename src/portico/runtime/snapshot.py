@@ -71,6 +71,9 @@ class Service:
     starting: int = 0  # instances starting (written by the supervisor), for load shedding
     shed: ShedRule | None = None
     shed_window: LatencyWindow | None = None  # recent response times, for shed.max_p95
+    # Per worker, drained into the metrics at each report (dataplane.metrics).
+    breaker_skips: int = 0  # picks that passed over an endpoint at its max_requests cap
+    ejections: dict[str, int] = field(default_factory=dict)  # endpoint label -> ejections
 
     def candidates(self, now: float, exclude: Sequence[Endpoint] = ()) -> Sequence[Endpoint]:
         """Endpoints a request may go to now: available ones (backups only when no primary
@@ -78,7 +81,10 @@ class Service:
         candidates = select_candidates(self.endpoints, now, exclude, self.slow_start)
         cap = self.max_requests
         if cap is not None:
-            candidates = [ep for ep in candidates if ep.in_flight < cap]
+            kept = [ep for ep in candidates if ep.in_flight < cap]
+            if len(kept) < len(candidates):
+                self.breaker_skips += 1
+            candidates = kept
         return candidates
 
     def pick(

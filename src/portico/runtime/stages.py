@@ -24,12 +24,16 @@ from portico.runtime.request import Headers, RequestState, Template
 class LocalReply:
     """A response the gateway writes itself. Bytes are prebuilt where nothing varies."""
 
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "headers", "refusal", "status")
 
-    def __init__(self, status: int, headers: Headers, body: bytes = b"") -> None:
+    def __init__(
+        self, status: int, headers: Headers, body: bytes = b"", refusal: str | None = None
+    ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        # Why a traffic stage turned the request away ("rate_limit", "shed"...): a metric label.
+        self.refusal = refusal
 
     def encode(self, close: bool, head_only: bool = False, date: bytes = b"") -> bytes:
         """The whole response; ``date``: the ``Date`` line to add (the caller has the clock)."""

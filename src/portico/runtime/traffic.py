@@ -135,8 +135,10 @@ def _in(ip: str, nets: tuple[IPNetwork, ...]) -> bool:
     return any(addr in net for net in nets)
 
 
-def _plain(status: int, headers: Headers, text: bytes) -> LocalReply:
-    return LocalReply(status, [(b"Content-Type", b"text/plain; charset=utf-8"), *headers], text)
+def _plain(status: int, headers: Headers, text: bytes, refusal: str) -> LocalReply:
+    return LocalReply(
+        status, [(b"Content-Type", b"text/plain; charset=utf-8"), *headers], text, refusal
+    )
 
 
 # --- IP rules ------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ class IpRules(Stage):
 
     def __init__(self, layers: Sequence[tuple[Networks | None, Networks]]) -> None:
         self.layers = tuple(layers)
-        self.reply = _plain(403, [], b"Forbidden\n")
+        self.reply = _plain(403, [], b"Forbidden\n", "ip_rule")
 
     def on_request(self, req: RequestState) -> LocalReply | Hold | None:
         try:
@@ -258,7 +260,7 @@ class _RateStage(Stage):
                 if rule.headers:
                     headers.append((b"RateLimit-Policy", self.policy))
                     headers.append((b"RateLimit", rule.label + b";r=0;t=%d" % after))
-                return _plain(rule.status, headers, b"Too Many Requests\n")
+                return _plain(rule.status, headers, b"Too Many Requests\n", "rate_limit")
             if verdict == DELAY and wait > delay:
                 delay = wait
             if rule.headers:
@@ -340,7 +342,9 @@ class RemoteRateLimit(_RateStage):
         super().__init__(rules)
         self.remote = remote
         self.fail_open = fail_open
-        self.fail_reply = _plain(503, [(b"Retry-After", b"1")], b"Service Unavailable\n")
+        self.fail_reply = _plain(
+            503, [(b"Retry-After", b"1")], b"Service Unavailable\n", "rate_limit_unavailable"
+        )
 
     def on_request(self, req: RequestState) -> LocalReply | Hold | None:
         rules: list[RateRule] = []
@@ -380,7 +384,7 @@ class ConcurrencyRule:
         self.most = config.max
         self.prefix = f"{scope}|{index}|{config.key}|c".encode() + b"\0"
         self.reply = _plain(
-            config.status, [(b"Retry-After", b"1")], b"Too many requests in flight\n"
+            config.status, [(b"Retry-After", b"1")], b"Too many requests in flight\n", "concurrency"
         )
 
 
@@ -457,6 +461,7 @@ class Shed(Stage):
                 503,
                 [(b"Retry-After", b"%d" % f.shed.retry_after)],
                 b"Service Unavailable: overloaded\n",
+                "shed",
             )
             for f in fleets
             if f.shed is not None

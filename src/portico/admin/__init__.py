@@ -1,0 +1,1 @@
+"""The admin listener: JSON API with actions, OpenAPI document, dashboard, metrics."""
