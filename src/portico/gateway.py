@@ -411,6 +411,12 @@ class Gateway:
 
             self.certs = CertManager(config, self._publish_tls)
             self.certs.start()
+            self.status.register("certificates", self.certs.status)
+        uses_kubernetes = any(u.kubernetes is not None for u in config.upstreams.values()) or any(
+            u.app is not None and u.app.kubernetes is not None for u in config.upstreams.values()
+        )
+        if uses_kubernetes or config.kubernetes.leader_election is not None:
+            self.status.register("kubernetes", self.control.orchestrator.kubernetes_status)
         if self.admin is None:
             await self._start_admin()
         if self._reload_pending:

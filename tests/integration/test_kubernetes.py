@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import PorticoFactory
+from tests.support.admin import AdminClient, with_admin
 from tests.support.kubeapi import FakeKubeApi
 from tests.support.kubepods import FakeCluster
 from tests.support.tomlwriter import dumps
@@ -365,14 +366,25 @@ def test_leader_takeover_within_lease_time(
     cluster.add_deployment("web", replicas=1)
     election = {"lease_duration": 3, "renew_every": 1}
 
+    admins: dict[str, AdminClient] = {}
+
     def replica(identity: str) -> Any:
-        cfg = config(
-            kube,
-            tmp_path,
-            {"kubernetes": {"service": "web"}},
-            leader_election={**election, "identity": identity},
+        cfg = with_admin(
+            config(
+                kube,
+                tmp_path,
+                {"kubernetes": {"service": "web"}},
+                leader_election={**election, "identity": identity},
+            )
         )
-        return portico(cfg)
+        proxy = portico(cfg)
+        admins[identity] = AdminClient(cfg)
+        return proxy
+
+    def leads(identity: str) -> bool:
+        """What the admin API of that replica says of the leadership."""
+        status = admins[identity].json("/api/status")
+        return bool(status["providers"]["kubernetes"]["leader"]["leader"])
 
     def holder() -> str | None:
         lease = kube.run(lambda: kube.get("leases", "default", "portico"))
@@ -383,6 +395,7 @@ def test_leader_takeover_within_lease_time(
     second = replica("p2")
     time.sleep(2.5)  # p2 tries twice meanwhile, and follows
     assert holder() == "p1"
+    assert leads("p1") and not leads("p2")  # the admin API says who leads
     assert len(served(second.url, 2)) == 1  # a follower routes all the same
     first.stop(signal.SIGKILL)
     killed = time.monotonic()
@@ -390,6 +403,7 @@ def test_leader_takeover_within_lease_time(
     took = time.monotonic() - killed
     print(f"takeover {took:.2f}s after SIGKILL (lease 3 s, tries every 1 s)")
     assert took <= 3 + 1 + 1, took  # lease duration + one try + slack
+    wait_until(lambda: leads("p2"), 5, 0.1, "p2's admin API says it leads")
     lease = kube.run(lambda: kube.get("leases", "default", "portico"))
     assert lease["spec"]["leaseTransitions"] >= 1
     puts = [e for e in kube.transcript if "leases" in e.path and e.method == "PUT"]

@@ -12,6 +12,7 @@ from typing import Any
 from portico.config.load import validate
 from portico.control.acme import CertManager, prepare
 from tests.conftest import PorticoFactory
+from tests.support.admin import AdminClient, with_admin
 from tests.support.backends import RawBackend, echo_http
 from tests.support.ports import free_port
 from tests.support.tlscerts import fetch, served_names
@@ -34,7 +35,7 @@ def _config(tmp: Path, port: int, backend: str, workers: int = 1) -> dict[str, A
 def test_internal_ca_issues_for_localhost(portico: PorticoFactory, tmp_path: Path) -> None:
     port = free_port()
     with RawBackend(echo_http()) as backend:
-        config = _config(tmp_path, port, backend.url, workers=2)
+        config = with_admin(_config(tmp_path, port, backend.url, workers=2))
         proc = portico({**config, "server": {**config["server"], "listen": []}})
         wait_until(lambda: port_accepts(port), 15, message="TLS port")
         ca = tmp_path / "state" / "internal" / "ca.pem"
@@ -49,6 +50,10 @@ def test_internal_ca_issues_for_localhost(portico: PorticoFactory, tmp_path: Pat
         assert served_names(der) == ["localhost", "app.test"]
         assert f"--cacert {ca}" in proc.output()  # how to trust it
         assert "update-ca-certificates" in proc.output()
+        # The admin API shows each automatic certificate's status (the master orders them).
+        certs = AdminClient(config).json("/api/status")["providers"]["certificates"]
+        assert certs["tls[0]"]["state"] == "valid", certs
+        assert certs["tls[0]"]["names"] == ["localhost", "app.test"]
 
 
 def test_status_of_an_automatic_certificate(tmp_path: Path) -> None:
