@@ -165,3 +165,17 @@ def test_reload_keeps_the_admin_listener_as_it_runs() -> None:
             "the running admin listener on 0.0.0.0:9901 is not loopback-only: keep a token",
         )
     ]
+
+
+def test_status_screen_names_the_kubernetes_leader() -> None:
+    from portico.admin.console import Poll, render
+
+    status = {"version": "x", "pid": 1, "workers": 1, "uptime": 5.0, "listen": ["a:1"]}
+    plain = render(Poll(0.0, status, [], []))
+    assert not [line for line in plain if line.startswith("kubernetes")]
+    follower = {"leader": False, "holder": "p1"}
+    lines = render(Poll(0.0, {**status, "providers": {"kubernetes": {"leader": follower}}}, [], []))
+    assert "kubernetes: follower (leader: p1)" in lines
+    lines = render(Poll(0.0, {**status, "providers": {"kubernetes": {"leader": {"leader": True}}}},
+                        [], []))  # fmt: skip
+    assert "kubernetes: leader" in lines

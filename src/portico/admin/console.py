@@ -119,6 +119,10 @@ def render(now: Poll, before: Poll | None = None, rates: bool = False) -> list[s
         f"up {_age(s['uptime'])}  listen {', '.join(s['listen'])}",
         "",
     ]
+    kube = s.get("providers", {}).get("kubernetes", {}).get("leader")
+    if kube:
+        role = "leader" if kube.get("leader") else f"follower (leader: {kube.get('holder')})"
+        lines[-1:-1] = [f"kubernetes: {role}"]
     seconds = now.at - before.at if before is not None else 0.0
     old = {
         (u["name"], e["endpoint"]): e["requests"]
