@@ -30,6 +30,7 @@ HOT_MODULES = [
     "dataplane/context",
     "dataplane/exchange",
     "dataplane/forwarding",
+    "dataplane/metrics",
     "dataplane/outliers",
     "dataplane/pipeline",
     "dataplane/proxy",

@@ -85,10 +85,6 @@ def snap() -> Snapshot:
     return compile_config(Config.model_validate(CONFIG))
 
 
-def ctx_of(snap: Snapshot) -> Any:
-    return SimpleNamespace(snapshot=snap, connections=set())
-
-
 def parsed(body: bytes) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(body.decode())}
 
@@ -111,12 +107,12 @@ def test_deltas_add_up_and_buckets_follow_le(snap: Snapshot) -> None:
     metrics, totals = RequestMetrics(), MetricTotals()
     metrics.count(finished(snap, 200), 0.001)  # exactly on a bound: counted in le="0.001"
     metrics.count(finished(snap, 503), 0.0011)
-    totals.add(metrics.take(ctx_of(snap)))
+    totals.add(metrics.take(snap))
     metrics.count(finished(snap, 200, method=b"BREW"), 100.0)  # beyond every bound: +Inf
     metrics.count(finished(snap, 429, refused="rate_limit", tries=0), 0.0)
     metrics.count(finished(snap, 200, tries=3), 0.2)
-    totals.add(metrics.take(ctx_of(snap)))
-    assert metrics.take(ctx_of(snap))["requests"] == {}  # taken: starts afresh
+    totals.add(metrics.take(snap))
+    assert metrics.take(snap)["requests"] == {}  # taken: starts afresh
     assert sum(totals.requests.values()) == 5
     route = snap.router.routes[0].name
     key = (route, "app", "127.0.0.1:5001", "GET", "2xx")
@@ -135,7 +131,7 @@ def test_service_events_are_drained_into_the_report(snap: Snapshot) -> None:
     service = snap.services["app"]
     service.breaker_skips = 3
     service.ejections["127.0.0.1:5002"] = 1
-    totals.add(metrics.take(ctx_of(snap)))
+    totals.add(metrics.take(snap))
     assert service.breaker_skips == 0 and not service.ejections
     assert totals.events == {
         ("breaker_skip", "app", ""): 3,
@@ -148,7 +144,7 @@ def test_gauges_of_a_gone_worker_leave_its_counters_stay(snap: Snapshot) -> None
     for worker in (1, 2):
         metrics = RequestMetrics()
         metrics.count(finished(snap, 200), 0.01)
-        totals.add(metrics.take(ctx_of(snap)))
+        totals.add(metrics.take(snap))
         totals.set_gauges(worker, {"open": 2, "active": 1, "endpoints": {("app", "a"): (1, 1)}})
     assert totals.connections() == (4, 2)
     assert totals.endpoint_gauges() == {("app", "a"): (2, 2)}
@@ -171,7 +167,7 @@ def test_render_reads_back_and_matches(snap: Snapshot) -> None:
     for status in (200, 200, 502):
         metrics.count(finished(snap, status), 0.02)
     metrics.count(finished(snap, 200, endpoint='odd"name\\x'), 0.02)  # escaped labels
-    totals.add(metrics.take(ctx_of(snap)))
+    totals.add(metrics.take(snap))
     totals.set_gauges(1, {"open": 3, "active": 1, "endpoints": {("app", "127.0.0.1:5001"): (1, 0)}})
     body = render(Source(snap, totals))
     families = parsed(body)
@@ -207,7 +203,7 @@ def test_promtool_accepts_the_exposition(snap: Snapshot) -> None:
         )
     metrics, totals = RequestMetrics(), MetricTotals()
     metrics.count(finished(snap, 200), 0.02)
-    totals.add(metrics.take(ctx_of(snap)))
+    totals.add(metrics.take(snap))
     done = subprocess.run(
         [promtool, "check", "metrics"],
         input=render(Source(snap, totals)),

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from portico.dataplane.context import ProxyContext
     from portico.runtime.request import RequestState
+    from portico.runtime.snapshot import Snapshot
 
 # Latency buckets in seconds (Prometheus ``le`` bounds): from a fast local answer to a slow
 # upstream, about three per decade, as the Prometheus client's defaults.
@@ -143,10 +144,10 @@ class RequestMetrics:
             rkey = (req.route, refused)
             self.refused[rkey] = self.refused.get(rkey, 0) + 1
 
-    def take(self, ctx: ProxyContext) -> Delta:
+    def take(self, snapshot: Snapshot) -> Delta:
         """What was counted since the last call, as plain picklable dicts keyed by label
         values; starts afresh."""
-        self.take_service_events(ctx)
+        self.take_service_events(snapshot)
         cells, self.cells = self.cells, {}
         requests: dict[RequestKey, int] = {}
         durations: dict[tuple[str, str], list[float]] = {}  # (route, upstream)
@@ -192,11 +193,11 @@ class RequestMetrics:
             "events": events,
         }
 
-    def take_service_events(self, ctx: ProxyContext) -> None:
+    def take_service_events(self, snapshot: Snapshot) -> None:
         """Ejections and circuit-breaker skips are counted on the services where they
         happen (outlier detection, candidate selection); move them here."""
         events = self.events
-        for name, service in ctx.snapshot.services.items():
+        for name, service in snapshot.services.items():
             if service.breaker_skips:
                 key = ("breaker_skip", name, "")
                 events[key] = events.get(key, 0) + service.breaker_skips
@@ -284,7 +285,7 @@ def report_message(ctx: ProxyContext) -> tuple[str, Delta, dict[str, Any]] | Non
     metrics = ctx.metrics
     if metrics is None:
         return None
-    return ("metrics", metrics.take(ctx), gauges(ctx))
+    return ("metrics", metrics.take(ctx.snapshot), gauges(ctx))
 
 
 def fold_local(totals: MetricTotals, ctx: ProxyContext) -> None:
