@@ -41,6 +41,7 @@ import psutil
 
 import nginx
 import procs
+from run import pipeline_config
 
 NGINX_BIN = "/usr/sbin/nginx"
 # Requests sent before counting starts in earnest: connection set-up, first-call caches,
@@ -58,29 +59,6 @@ listen = ["127.0.0.1:{port}"]
 
 [upstreams.bench]
 backends = ["http://127.0.0.1:{backend_port}"]
-"""
-
-
-def pipeline_config(port: int, backend_port: int) -> str:
-    """Request IDs, header rules both ways and a weighted split: the stages a typical
-    migrated nginx config turns on."""
-    return f"""\
-request_id = true
-
-[server]
-listen = ["127.0.0.1:{port}"]
-
-[upstreams.blue]
-backends = ["http://127.0.0.1:{backend_port}"]
-
-[upstreams.green]
-backends = ["http://127.0.0.1:{backend_port}"]
-
-[[routes]]
-path = "/"
-split = [{{ upstream = "blue", weight = 90 }}, {{ upstream = "green", weight = 10 }}]
-request_headers = {{ set = {{ "X-Forwarded-Prefix" = "/" }}, remove = ["X-Debug"] }}
-response_headers = {{ set = {{ "X-Frame-Options" = "DENY" }}, remove = ["Server"] }}
 """
 
 

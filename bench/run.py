@@ -93,6 +93,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "/metrics scraped every second), loaded together in --route-rounds rounds",
     )
     p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="run Portico from a config with request IDs, header rules both ways and a 90/10 "
+        "split (the pipeline issue's acceptance shape), to compare with a plain run",
+    )
+    p.add_argument(
         "--rate-limit",
         choices=["local", "redis"],
         help="run Portico from a config file with a rate limit every request passes "
@@ -173,6 +179,30 @@ url = "redis://127.0.0.1:{redis_port}/0"
 timeout = 1.0
 """
     return text
+
+
+def pipeline_config(port: int, backend_port: int, workers: int = 1) -> str:
+    """Request IDs, header rules both ways and a weighted split over two upstreams (the same
+    backend): the stages a typical migrated nginx config turns on."""
+    return f"""\
+request_id = true
+
+[server]
+listen = ["127.0.0.1:{port}"]
+workers = {workers}
+
+[upstreams.blue]
+backends = ["http://127.0.0.1:{backend_port}"]
+
+[upstreams.green]
+backends = ["http://127.0.0.1:{backend_port}"]
+
+[[routes]]
+path = "/"
+split = [{{ upstream = "blue", weight = 90 }}, {{ upstream = "green", weight = 10 }}]
+request_headers = {{ set = {{ "X-Forwarded-Prefix" = "/" }}, remove = ["X-Debug"] }}
+response_headers = {{ set = {{ "X-Frame-Options" = "DENY" }}, remove = ["X-Powered-By"] }}
+"""
 
 
 def portico_static_config(port: int, root: Path, backend_port: int) -> str:
@@ -289,7 +319,12 @@ def measure(
     portico: procs.Service | None = None
     if not args.skip_portico:
         port = procs.free_port()
-        if args.health_checks or args.rate_limit:
+        if args.pipeline:
+            config_path = tmp / "portico.toml"
+            config_path.write_text(pipeline_config(port, backend_port, args.workers))
+            command = portico_serve_command(config_path)
+            progress(f"portico: from {config_path.name}:\n{config_path.read_text()}")
+        elif args.health_checks or args.rate_limit:
             redis_port = None
             if args.rate_limit == "redis":
                 redis_port = procs.free_port()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import re
 from collections import Counter
 from typing import Any
 
@@ -309,6 +310,23 @@ def test_request_id_stage(trusted: bool, sent: str | None, kept: bool) -> None:
     assert req.request_id is not None
     assert (req.request_id == b"abc") is kept
     assert [v for n, v in req.head.headers if n.lower() == b"x-request-id"] == [req.request_id]
+
+
+def test_request_ids_are_unique_and_each_stage_has_its_own_prefix() -> None:
+    first, second = RequestId("X-Request-ID"), RequestId("X-Request-ID")  # e.g. a reload
+
+    def ids(stage: RequestId, n: int) -> list[bytes]:
+        out = []
+        for _ in range(n):
+            req = state("/")
+            stage.on_request(req)
+            assert req.request_id is not None and re.fullmatch(rb"[0-9a-f]{32}", req.request_id)
+            out.append(req.request_id)
+        return out
+
+    a, b = ids(first, 5000), ids(second, 5000)
+    assert len(set(a) | set(b)) == 10000
+    assert a[0][:16] != b[0][:16]
 
 
 @pytest.mark.parametrize(

@@ -178,14 +178,21 @@ _ID_OK = re.compile(rb"^[\x21-\x7e]{1,%d}$" % MAX_REQUEST_ID)
 
 
 class RequestId(Stage):
-    """Keep a trusted client's request ID, otherwise make one; send it up and back down."""
+    """Keep a trusted client's request ID, otherwise make one; send it up and back down.
 
-    __slots__ = ("lname", "name")
+    A new ID is 32 hex digits: 16 random per stage (made when the config compiles, so per
+    process and per reload) and a 16-digit counter. Unique without a ``getrandom`` system
+    call per request (which was a seventh system call on every request); like nginx's
+    ``$request_id`` it identifies a request, it is not a secret."""
+
+    __slots__ = ("_count", "_prefix", "lname", "name")
     on_request_hook = True
 
     def __init__(self, header: str) -> None:
         self.name = header.encode("latin-1")
         self.lname = self.name.lower()
+        self._prefix = secrets.token_hex(8).encode("ascii")
+        self._count = 0
 
     def on_request(self, req: RequestState) -> LocalReply | None:
         head = req.head
@@ -198,7 +205,8 @@ class RequestId(Stage):
         if found is not None and req.peer_trusted and _ID_OK.match(found):
             req.request_id = found
             return None
-        req.request_id = rid = secrets.token_hex(16).encode("ascii")
+        self._count = count = self._count + 1
+        req.request_id = rid = self._prefix + b"%016x" % count
         if found is not None:
             head.headers = [(n, v) for n, v in head.headers if n.lower() != lname]
         head.headers.append((self.name, rid))
