@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from portico.admin.api import Api
+from portico.admin.metrics import Family
 from portico.admin.server import AdminServer
 from portico.config.admin import is_loopback
 from portico.config.load import load_file
@@ -520,6 +521,12 @@ class Gateway:
     def orchestrator(self) -> Orchestrator | None:
         """The apps and their supervisors (None before start)."""
         return self.control.orchestrator if self.control is not None else None
+
+    def extra_families(self) -> list[Family]:
+        """Metric families of optional features: certificate expiry when TLS is on."""
+        from portico.admin.tlsmetrics import tls_families
+
+        return tls_families(self.config, self.certs.status if self.certs is not None else None)
 
     async def _start_admin(self) -> None:
         # In the master with workers: it holds the control plane and the summed counters.

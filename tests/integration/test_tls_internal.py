@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,14 @@ def test_internal_ca_issues_for_localhost(portico: PorticoFactory, tmp_path: Pat
         certs = AdminClient(config).json("/api/status")["providers"]["certificates"]
         assert certs["tls[0]"]["state"] == "valid", certs
         assert certs["tls[0]"]["names"] == ["localhost", "app.test"]
+        # ...and its expiry as a metric (the internal CA issues for 7 days).
+        metrics = AdminClient(config).get("/metrics").text
+        line = next(
+            x for x in metrics.splitlines()
+            if x.startswith("portico_tls_certificate_expiry_timestamp_seconds{")
+        )  # fmt: skip
+        assert 'listener="tls[0]"' in line and 'source="auto"' in line, line
+        assert 6 * 86400 < float(line.rsplit(" ", 1)[1]) - time.time() <= 7 * 86400 + 60, line
 
 
 def test_status_of_an_automatic_certificate(tmp_path: Path) -> None:
