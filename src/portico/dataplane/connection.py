@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
+from collections.abc import Callable
 
 from portico.codec.events import Data, Event, RequestHead
 from portico.codec.parser import RequestParser
@@ -60,6 +61,7 @@ class ClientConnection(asyncio.Protocol):
         "client",
         "ctx",
         "exchange",
+        "on_made",
         "parser",
         "settings",
         "transport",
@@ -94,6 +96,10 @@ class ClientConnection(asyncio.Protocol):
         self._body_bytes = 0
         self._body_paused_at = 0.0
         self._body_paused_total = 0.0
+        # Set by a listener that needs a word on each connection (TLS: the scheme, the client
+        # certificate): called once the client is known. A hook, not a subclass, so the class
+        # stays closed to interpreted subclasses in the accelerated build.
+        self.on_made: Callable[[ClientConnection, asyncio.BaseTransport], None] | None = None
 
     def __repr__(self) -> str:
         peer = f"{self.client.ip}:{self.client.port}" if hasattr(self, "client") else "?"
@@ -107,6 +113,8 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         ip, port = (peer[0], peer[1]) if isinstance(peer, tuple) else ("unix", 0)
         self.client = ClientInfo(ip, port, self.ctx.snapshot.forwarding.trusts(ip))
+        if self.on_made is not None:
+            self.on_made(self, transport)
         limits = self.ctx.conn_limits
         if limits is not None:
             counted = limits.open(ip)

@@ -278,32 +278,21 @@ def cert_headers(sslobj: ssl.SSLObject | None, auth: ClientAuth) -> bytes:
 
 
 def connection_factory(ctx: ProxyContext, store: CertStore) -> Callable[[], ClientConnection]:
-    """Protocol factory of a TLS listener: a ``ClientConnection`` that knows it speaks HTTPS."""
+    """Protocol factory of a TLS listener: a ``ClientConnection`` that knows it speaks HTTPS
+    (asyncio calls ``connection_made`` only once the handshake has completed)."""
 
-    def make() -> ClientConnection:
-        return TlsClientConnection(ctx, store)
-
-    return make
-
-
-class TlsClientConnection(ClientConnection):
-    """A client connection whose handshake has completed (asyncio calls ``connection_made``
-    only then): the scheme is https, and a verified client certificate is described."""
-
-    __slots__ = ("store",)
-
-    def __init__(self, ctx: ProxyContext, store: CertStore) -> None:
-        super().__init__(ctx)
-        self.store = store
-        store.accepted += 1  # made at accept, before the handshake (asyncio's SSL protocol)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        client = getattr(self, "client", None)
-        if client is None:
-            return
+    def made(conn: ClientConnection, transport: asyncio.BaseTransport) -> None:
+        client = conn.client
         client.proto = b"https"
-        self.store.established += 1
-        auth = self.store.listener.client_auth
+        store.established += 1
+        auth = store.listener.client_auth  # the running one: a reload may change it
         if auth is not None:
             client.cert_headers = cert_headers(transport.get_extra_info("ssl_object"), auth)
+
+    def make() -> ClientConnection:
+        conn = ClientConnection(ctx)
+        conn.on_made = made
+        store.accepted += 1  # made at accept, before the handshake (asyncio's SSL protocol)
+        return conn
+
+    return make
