@@ -89,9 +89,12 @@ fi
 .venv/bin/mypy
 # The suite runs on both builds of the same source (docs/performance.md): the accelerated one
 # (setup.py: PORTICO_COMPILE=1 compiles the hot modules with mypyc) installed, not editable,
-# into .venv-fast, then the pure-Python one in .venv. PORTICO_BUILDS="pure" (or "fast") runs
-# one of them only, for a quicker local run.
-for build in ${PORTICO_BUILDS:-fast pure}; do
+# into .venv-fast, and the pure-Python one in .venv. The two runs go side by side (each test
+# picks its own free ports and owns what it starts; most of a run is waiting on sockets), every
+# line prefixed with its build, so the whole takes about as long as one run. PORTICO_BUILDS="pure"
+# (or "fast") runs one of them only.
+BUILDS=${PORTICO_BUILDS:-fast pure}
+for build in $BUILDS; do
   case "$build" in
     fast)
       if [ ! -x .venv-fast/bin/pip ]; then
@@ -105,16 +108,35 @@ for build in ${PORTICO_BUILDS:-fast pure}; do
       # imported.
       .venv-fast/bin/python -c 'import sys, portico.dataplane.proxy as m; \
 sys.exit(0 if m.__file__.endswith(".so") else "accelerated build not in use: " + m.__file__)'
-      echo "== suite on the accelerated (mypyc) build" >&2
-      .venv-fast/bin/python -m pytest -q -p no:cacheprovider "$@"
       ;;
-    pure)
-      echo "== suite on the pure-Python build" >&2
-      .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
-      ;;
+    pure) ;;
     *)
       echo "PORTICO_BUILDS: unknown build $build (fast or pure)" >&2
       exit 2
       ;;
   esac
 done
+pids=()
+names=()
+# Interrupted: stop both runs (their pytest processes stop what their tests started).
+trap 'kill "${pids[@]}" 2>/dev/null; exit 130' INT TERM
+for build in $BUILDS; do
+  venv=.venv
+  [ "$build" = fast ] && venv=.venv-fast
+  echo "== suite on the $build build ($venv)" >&2
+  # Each run's own pytest base directory, so the two never share a tmp_path tree.
+  ( set -o pipefail
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider --basetemp="/tmp/portico-tests-$build-$$" \
+      "$@" 2>&1 | sed -u "s/^/[$build] /" ) &
+  pids+=("$!")
+  names+=("$build")
+done
+status=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "== the ${names[$i]} build's suite failed" >&2
+    status=1
+  fi
+done
+rm -rf /tmp/portico-tests-*-$$
+exit $status
