@@ -46,6 +46,7 @@ HOT_MODULES = [
     "policy/retry",
     "runtime/compress",
     "runtime/endpoint",
+    "runtime/limittable",
     "runtime/request",
     "runtime/routes",
     "runtime/snapshot",

@@ -1,7 +1,7 @@
 """Per-request cost of the data plane, counted rather than timed: instructions, system calls,
 Python function calls and memory allocations per small keep-alive request.
 
-    python bench/cost.py [--requests 2000] [--config plain|pipeline|both]
+    python bench/cost.py [--requests 2000] [--config plain|rate-limit|pipeline|all]
                           [--what instr,calls,syscalls]
 
 Wall-clock benchmarks on a shared 2-core machine move by 5-10% between runs; counts do not.
@@ -15,7 +15,8 @@ cost of one request (start-up, warm-up and shutdown cancel out):
 - ``syscalls``: system calls by name, from ``strace -f -c``;
 - ``calls``: Python function calls (``cProfile``'s total, C functions included).
 
-``--config pipeline`` runs the pipeline issue's acceptance-style config (request IDs, header
+``--config rate-limit`` adds a per-client rate limit no request reaches; ``--config pipeline``
+runs the pipeline issue's acceptance-style config (request IDs, header
 rules on both sides, a 90/10 split) to show what configured stages cost next to the plain
 proxy. The backend is the same nginx as bench/run.py's. Every process started here is
 stopped here, by PID; everything listens on 127.0.0.1 on kernel-picked ports.
@@ -41,7 +42,7 @@ import psutil
 
 import nginx
 import procs
-from run import pipeline_config
+from run import pipeline_config, portico_config
 
 NGINX_BIN = "/usr/sbin/nginx"
 # Requests sent before counting starts in earnest: connection set-up, first-call caches,
@@ -62,7 +63,12 @@ backends = ["http://127.0.0.1:{backend_port}"]
 """
 
 
-CONFIGS = {"plain": plain_config, "pipeline": pipeline_config}
+def rate_limit_config(port: int, backend_port: int) -> str:
+    """A per-client rate limit in the gateway's own table that no request reaches."""
+    return portico_config(port, backend_port, 1, health=False, rate_limit="local")
+
+
+CONFIGS = {"plain": plain_config, "pipeline": pipeline_config, "rate-limit": rate_limit_config}
 
 
 def drive(port: int, count: int) -> None:
@@ -238,7 +244,7 @@ MEASURES = {"instr": measure_instr, "syscalls": measure_syscalls, "calls": measu
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=2000, help="N (the second run serves 2N)")
-    p.add_argument("--config", choices=[*CONFIGS, "both"], default="both")
+    p.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
     p.add_argument("--what", default="instr,calls,syscalls")
     args = p.parse_args(argv)
     tools = {"instr": "valgrind", "syscalls": "strace"}
@@ -247,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing or not Path(NGINX_BIN).is_file():
         print(f"missing: {missing or 'nginx'}; apt-get install -y valgrind strace nginx-light")
         return 2
-    names = list(CONFIGS) if args.config == "both" else [args.config]
+    names = list(CONFIGS) if args.config == "all" else [args.config]
     with tempfile.TemporaryDirectory(prefix="portico-cost-") as d:
         tmp = Path(d)
         tmp.chmod(0o755)  # nginx's unprivileged worker reads the backend's files
