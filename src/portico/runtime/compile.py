@@ -48,7 +48,7 @@ from portico.runtime.stages import (
     StickyCookie,
 )
 from portico.runtime.static import StaticSpec
-from portico.runtime.tlsstages import AcmeHttp01, HttpsRedirect, tls_stages
+from portico.runtime.tlsstages import tls_stages
 from portico.runtime.traffic import IpRules, TrafficStores, traffic_stages
 from portico.runtime.waf import waf_stages
 
@@ -98,6 +98,7 @@ def compile_route(
     traffic: Sequence[Stage] = (),
     waf: Sequence[Stage] = (),
     security: SecurityStores | None = None,
+    tls: Sequence[Stage] = (),
 ) -> CompiledRoute:
     if route.upstream or route.split:
         kind = KIND_PROXY
@@ -169,7 +170,7 @@ def compile_route(
             cr.reply_body = tpl
     if request_id is not None:
         cr.request_id_header = request_id.header.encode("latin-1")
-    cr.set_stages(_stages(route, request_id, services, traffic, waf, security))
+    cr.set_stages(_stages(route, request_id, services, traffic, waf, security, tls))
     return cr
 
 
@@ -180,6 +181,7 @@ def _stages(
     traffic: Sequence[Stage] = (),
     waf: Sequence[Stage] = (),
     security: SecurityStores | None = None,
+    tls: Sequence[Stage] = (),
 ) -> list[Stage]:
     """The chain in its fixed order: request ID first (so every later stage and every local
     reply can name it), then traffic control (IP rules, rate and concurrency limits: before
@@ -193,13 +195,12 @@ def _stages(
     # ACME challenge answers and the HTTPS redirect first (a plain-HTTP request is sent to
     # https:// before any policy spends work on it), then IP rules, CORS preflight, rate
     # limits, authentication, WAF: docs/security.md "Stage order".
-    first = [s for s in traffic if isinstance(s, (AcmeHttp01, HttpsRedirect))]
-    stages.extend(first)
+    stages.extend(tls)
     ip = [s for s in traffic if isinstance(s, IpRules)]
     stages.extend(ip)
     if route.cors is not None:
         stages.append(Cors(route.cors))
-    stages.extend(s for s in traffic if not isinstance(s, (IpRules, AcmeHttp01, HttpsRedirect)))
+    stages.extend(s for s in traffic if not isinstance(s, IpRules))
     stages.extend(auth_stages(route.auth, security or SecurityStores()))
     stages.extend(waf)  # after traffic and authentication, before any rewrite
     if route.strip_prefix or route.add_prefix or route.rewrite:
@@ -266,8 +267,7 @@ def compile_routes(
             i,
             services,
             rid,
-            tls_stages(config, r)
-            + traffic_stages(
+            traffic_stages(
                 config,
                 r,
                 route_name(r, i),
@@ -278,6 +278,7 @@ def compile_routes(
             ),
             wafs.get(i, ()),
             stores.security,
+            tls_stages(config, r),
         )
         for i, r in enumerate(effective)
     ]
